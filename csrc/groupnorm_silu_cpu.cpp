@@ -1,0 +1,544 @@
+// GroupNorm (+ per-sample scale/shift) (+ SiLU) on the CPU, forward and backward.
+//
+//   xhat = (x - mean_g) * rstd_g                       statistics per (sample, group), fp32 (fp64)
+//   a    = (xhat * w_c + b_c) * (1 + scale_nc) + shift_nc
+//   y    = silu(a) = a * sigmoid(a)      (y = a when activation is off)
+//
+// Forward folds everything per (n, c) into y = act(A * x + B), so the output pass is one
+// multiply-add and one exp per element. Backward (g = dy * silu'(a), silu'(a) = s (1 + a (1 - s))):
+//   T1_nc = sum_hw g,  T2_nc = sum_hw g * xhat
+//   dshift_nc = T1,  dscale_nc = w T2 + b T1,  dbias_c = sum_n (1+s) T1,  dweight_c = sum_n (1+s) T2
+//   dx = rstd * ((1+s) w g - c1_ng - xhat c2_ng),  c1 = mean_g[(1+s) w T1 / HW], c2 = mean_g[(1+s) w T2 / HW]
+//
+// Layouts: NCHW (any number of spatial dims, flattened) and channels_last NHWC. Other strides are
+// copied to NCHW first. Outputs follow the layout that was used.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace cmkernels {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise math that vectorises (no libm calls in the loops).
+
+// exp for float: Cody-Waite range reduction and a degree-6 polynomial (max rel. error ~2 ulp).
+CMK_INLINE float exp_fast(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floor(), vectorises on SSE2).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return e * std::bit_cast<float>(bits);
+}
+
+CMK_INLINE float sigmoid(float a) { return 1.0f / (1.0f + exp_fast(-a)); }
+CMK_INLINE double sigmoid(double a) { return 1.0 / (1.0 + std::exp(-a)); }
+
+template <typename acc_t>
+CMK_INLINE acc_t act_fwd(acc_t a, bool activation) {
+  return activation ? a * sigmoid(a) : a;
+}
+
+// dL/da given dL/dy.
+template <typename acc_t>
+CMK_INLINE acc_t act_bwd(acc_t dy, acc_t a, bool activation) {
+  if (!activation) return dy;
+  const acc_t s = sigmoid(a);
+  return dy * s * (acc_t(1) + a * (acc_t(1) - s));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels on raw pointers. Templates are force-inlined into the float clones below so the
+// AVX2 clone gets AVX2 code.
+
+// Shifted sums of a contiguous run: returns (sum(x - pivot), sum((x - pivot)^2)) in double, with
+// float partial sums over short blocks (vectorised) for speed.
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void shifted_sums(const scalar_t* x, int64_t n, acc_t pivot, double& s, double& ss) {
+  constexpr int64_t kBlock = 256;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(n, i0 + kBlock);
+    acc_t bs = 0, bss = 0;
+#pragma omp simd reduction(+ : bs, bss)
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i]) - pivot;
+      bs += v;
+      bss += v * v;
+    }
+    s += bs;
+    ss += bss;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void affine_act_run(const scalar_t* x, scalar_t* y, int64_t n, acc_t A, acc_t B,
+                               bool activation) {
+  if (activation) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t a = A * static_cast<acc_t>(x[i]) + B;
+      y[i] = static_cast<scalar_t>(a * sigmoid(a));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(A * static_cast<acc_t>(x[i]) + B);
+  }
+}
+
+// NHWC row: y[c] = act(A[c] x[c] + B[c]) over the C channels of one pixel.
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void affine_act_row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* A,
+                               const acc_t* B, bool activation) {
+  if (activation) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t a = A[c] * static_cast<acc_t>(x[c]) + B[c];
+      y[c] = static_cast<scalar_t>(a * sigmoid(a));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) y[c] = static_cast<scalar_t>(A[c] * static_cast<acc_t>(x[c]) + B[c]);
+  }
+}
+
+// Backward pass 1 over a contiguous run of one channel: T1 += sum g, T2 += sum g * xhat, where
+// xhat = P x + Q and a = A x + B.
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_sums_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t A, acc_t B,
+                             acc_t P, acc_t Q, bool activation, acc_t& T1, acc_t& T2) {
+  acc_t t1 = 0, t2 = 0;
+#pragma omp simd reduction(+ : t1, t2)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t g = act_bwd(static_cast<acc_t>(dy[i]), A * xv + B, activation);
+    t1 += g;
+    t2 += g * (P * xv + Q);
+  }
+  T1 += t1;
+  T2 += t2;
+}
+
+// Backward pass 2 over a run of one channel: dx = K g + L x + M (all per-channel constants).
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_dx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t A,
+                           acc_t B, acc_t K, acc_t L, acc_t M, bool activation) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t g = act_bwd(static_cast<acc_t>(dy[i]), A * xv + B, activation);
+    dx[i] = static_cast<scalar_t>(K * g + L * xv + M);
+  }
+}
+
+// NHWC backward rows.
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_sums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const acc_t* A,
+                             const acc_t* B, const acc_t* P, const acc_t* Q, bool activation,
+                             acc_t* T1, acc_t* T2) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t xv = static_cast<acc_t>(x[c]);
+    const acc_t g = act_bwd(static_cast<acc_t>(dy[c]), A[c] * xv + B[c], activation);
+    T1[c] += g;
+    T2[c] += g * (P[c] * xv + Q[c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
+                           const acc_t* A, const acc_t* B, const acc_t* K, const acc_t* L,
+                           const acc_t* M, bool activation) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t xv = static_cast<acc_t>(x[c]);
+    const acc_t g = act_bwd(static_cast<acc_t>(dy[c]), A[c] * xv + B[c], activation);
+    dx[c] = static_cast<scalar_t>(K[c] * g + L[c] * xv + M[c]);
+  }
+}
+
+// fp32 entry points with an AVX2 clone; other dtypes use the templates directly.
+CMK_CPU_CLONES void shifted_sums_f32(const float* x, int64_t n, float pivot, double& s, double& ss) {
+  shifted_sums<float, float>(x, n, pivot, s, ss);
+}
+CMK_CPU_CLONES void affine_act_run_f32(const float* x, float* y, int64_t n, float A, float B, bool act) {
+  affine_act_run<float, float>(x, y, n, A, B, act);
+}
+CMK_CPU_CLONES void affine_act_row_f32(const float* x, float* y, int64_t C, const float* A,
+                                       const float* B, bool act) {
+  affine_act_row<float, float>(x, y, C, A, B, act);
+}
+CMK_CPU_CLONES void bwd_sums_run_f32(const float* dy, const float* x, int64_t n, float A, float B,
+                                     float P, float Q, bool act, float& T1, float& T2) {
+  bwd_sums_run<float, float>(dy, x, n, A, B, P, Q, act, T1, T2);
+}
+CMK_CPU_CLONES void bwd_dx_run_f32(const float* dy, const float* x, float* dx, int64_t n, float A,
+                                   float B, float K, float L, float M, bool act) {
+  bwd_dx_run<float, float>(dy, x, dx, n, A, B, K, L, M, act);
+}
+CMK_CPU_CLONES void bwd_sums_row_f32(const float* dy, const float* x, int64_t C, const float* A,
+                                     const float* B, const float* P, const float* Q, bool act,
+                                     float* T1, float* T2) {
+  bwd_sums_row<float, float>(dy, x, C, A, B, P, Q, act, T1, T2);
+}
+CMK_CPU_CLONES void bwd_dx_row_f32(const float* dy, const float* x, float* dx, int64_t C,
+                                   const float* A, const float* B, const float* K, const float* L,
+                                   const float* M, bool act) {
+  bwd_dx_row<float, float>(dy, x, dx, C, A, B, K, L, M, act);
+}
+
+// Overload set routing float to the clones.
+template <typename scalar_t, typename acc_t>
+struct Rows {
+  static void sums(const scalar_t* x, int64_t n, acc_t p, double& s, double& ss) { shifted_sums(x, n, p, s, ss); }
+  static void run(const scalar_t* x, scalar_t* y, int64_t n, acc_t A, acc_t B, bool act) { affine_act_run(x, y, n, A, B, act); }
+  static void row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* A, const acc_t* B, bool act) { affine_act_row(x, y, C, A, B, act); }
+  static void bsums_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t A, acc_t B, acc_t P, acc_t Q, bool act, acc_t& T1, acc_t& T2) { bwd_sums_run(dy, x, n, A, B, P, Q, act, T1, T2); }
+  static void bdx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t A, acc_t B, acc_t K, acc_t L, acc_t M, bool act) { bwd_dx_run(dy, x, dx, n, A, B, K, L, M, act); }
+  static void bsums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const acc_t* A, const acc_t* B, const acc_t* P, const acc_t* Q, bool act, acc_t* T1, acc_t* T2) { bwd_sums_row(dy, x, C, A, B, P, Q, act, T1, T2); }
+  static void bdx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const acc_t* A, const acc_t* B, const acc_t* K, const acc_t* L, const acc_t* M, bool act) { bwd_dx_row(dy, x, dx, C, A, B, K, L, M, act); }
+};
+
+template <>
+struct Rows<float, float> {
+  static void sums(const float* x, int64_t n, float p, double& s, double& ss) { shifted_sums_f32(x, n, p, s, ss); }
+  static void run(const float* x, float* y, int64_t n, float A, float B, bool act) { affine_act_run_f32(x, y, n, A, B, act); }
+  static void row(const float* x, float* y, int64_t C, const float* A, const float* B, bool act) { affine_act_row_f32(x, y, C, A, B, act); }
+  static void bsums_run(const float* dy, const float* x, int64_t n, float A, float B, float P, float Q, bool act, float& T1, float& T2) { bwd_sums_run_f32(dy, x, n, A, B, P, Q, act, T1, T2); }
+  static void bdx_run(const float* dy, const float* x, float* dx, int64_t n, float A, float B, float K, float L, float M, bool act) { bwd_dx_run_f32(dy, x, dx, n, A, B, K, L, M, act); }
+  static void bsums_row(const float* dy, const float* x, int64_t C, const float* A, const float* B, const float* P, const float* Q, bool act, float* T1, float* T2) { bwd_sums_row_f32(dy, x, C, A, B, P, Q, act, T1, T2); }
+  static void bdx_row(const float* dy, const float* x, float* dx, int64_t C, const float* A, const float* B, const float* K, const float* L, const float* M, bool act) { bwd_dx_row_f32(dy, x, dx, C, A, B, K, L, M, act); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks and layout.
+
+struct Problem {
+  int64_t N, C, HW, G, cpg;
+  bool channels_last;  // x viewed as [N, HW, C] instead of [N, C, HW]
+};
+
+// The layout rule (mirrored by the Python fake kernel): contiguous -> NCHW; otherwise a 4-d
+// channels_last tensor -> NHWC; anything else is copied to contiguous NCHW.
+at::Tensor canonical(const at::Tensor& x, bool& channels_last) {
+  if (x.is_contiguous()) {
+    channels_last = false;
+    return x;
+  }
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    channels_last = true;
+    return x;
+  }
+  channels_last = false;
+  return x.contiguous();
+}
+
+void check_param(const at::Tensor& p, const char* name, const at::Tensor& x,
+                 at::IntArrayRef shape_a, at::IntArrayRef shape_b) {
+  TORCH_CHECK(p.device() == x.device(), "groupnorm_silu: ", name, " is on ", p.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat,
+              "groupnorm_silu: ", name, " has dtype ", p.scalar_type(), "; expected ",
+              x.scalar_type(), " (the dtype of x) or float32");
+  const bool ok = p.sizes() == shape_a || (!shape_b.empty() && p.numel() == x.size(0) * x.size(1) &&
+                                           p.dim() == x.dim() && p.size(0) == x.size(0) &&
+                                           p.size(1) == x.size(1));
+  TORCH_CHECK(ok, "groupnorm_silu: ", name, " has shape ", p.sizes(), "; expected ", shape_a,
+              shape_b.empty() ? "" : " (or [N, C, 1, ...])");
+}
+
+Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                     int64_t groups) {
+  TORCH_CHECK(x.dim() >= 2, "groupnorm_silu: x must have shape [N, C, *spatial], got ", x.sizes());
+  TORCH_CHECK(is_activation_dtype(x.scalar_type()),
+              "groupnorm_silu: x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "groupnorm_silu: the number of channels (", C,
+              ") must be divisible by groups (", groups, ")");
+  check_param(weight, "weight", x, {C}, {});
+  check_param(bias, "bias", x, {C}, {});
+  if (scale) check_param(*scale, "scale", x, {N, C}, {N, C});
+  if (shift) check_param(*shift, "shift", x, {N, C}, {N, C});
+  return {N, C, C > 0 ? x.numel() / std::max<int64_t>(N * C, 1) : 0, groups, C / groups, false};
+}
+
+// Per-(n, c) parameters in accumulation precision: w, b [C]; s1 = 1 + scale, sh [N, C].
+template <typename acc_t>
+struct Params {
+  std::vector<acc_t> w, b, s1, sh;
+};
+
+template <typename acc_t>
+Params<acc_t> gather_params(const Problem& p, const at::Tensor& weight, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& shift) {
+  const auto dt = c10::CppTypeToScalarType<acc_t>::value;
+  auto vec = [&](const at::Tensor& t) -> std::vector<acc_t> {
+    auto c = t.detach().to(dt).contiguous();
+    const acc_t* ptr = c.template const_data_ptr<acc_t>();
+    return std::vector<acc_t>(ptr, ptr + c.numel());
+  };
+  Params<acc_t> out{vec(weight), vec(bias), {}, {}};
+  out.s1 = scale ? vec(*scale) : std::vector<acc_t>(p.N * p.C, acc_t(0));
+  for (auto& v : out.s1) v += acc_t(1);
+  out.sh = shift ? vec(*shift) : std::vector<acc_t>(p.N * p.C, acc_t(0));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename scalar_t, typename acc_t>
+void forward_impl(const Problem& p, const scalar_t* x, scalar_t* y, acc_t* mean_out,
+                  acc_t* rstd_out, const Params<acc_t>& prm, double eps, bool activation) {
+  using R = Rows<scalar_t, acc_t>;
+  const int64_t M = p.cpg * p.HW;  // elements per group
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / p.G, g = ng % p.G;
+        const scalar_t* xg = x + ng * M;
+        double s = 0, ss = 0;
+        const acc_t pivot = M > 0 ? static_cast<acc_t>(xg[0]) : acc_t(0);
+        R::sums(xg, M, pivot, s, ss);
+        const double m = s / M, var = std::max(ss / M - m * m, 0.0);
+        const acc_t mean = static_cast<acc_t>(pivot + m);
+        const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+        mean_out[ng] = mean;
+        rstd_out[ng] = rstd;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl, nc = n * p.C + c;
+          const acc_t A = rstd * prm.w[c] * prm.s1[nc];
+          const acc_t B = (prm.b[c] - mean * rstd * prm.w[c]) * prm.s1[nc] + prm.sh[nc];
+          R::run(xg + cl * p.HW, y + ng * M + cl * p.HW, p.HW, A, B, activation);
+        }
+      }
+    });
+    return;
+  }
+  // NHWC: per sample, channel sums over pixels, then group statistics, then one output pass.
+  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(p.C), css(p.C);
+    std::vector<acc_t> A(p.C), B(p.C), pivot(p.C);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* xn = x + n * p.HW * p.C;
+      std::fill(cs.begin(), cs.end(), 0.0);
+      std::fill(css.begin(), css.end(), 0.0);
+      for (int64_t g = 0; g < p.G; ++g)  // one pivot per group: its first element
+        for (int64_t cl = 0; cl < p.cpg; ++cl) pivot[g * p.cpg + cl] = p.HW ? static_cast<acc_t>(xn[g * p.cpg]) : acc_t(0);
+      constexpr int64_t kRows = 64;  // float partial sums over short row blocks
+      std::vector<acc_t> bs(p.C), bss(p.C);
+      for (int64_t h0 = 0; h0 < p.HW; h0 += kRows) {
+        std::fill(bs.begin(), bs.end(), acc_t(0));
+        std::fill(bss.begin(), bss.end(), acc_t(0));
+        const int64_t h1 = std::min(p.HW, h0 + kRows);
+        for (int64_t hw = h0; hw < h1; ++hw) {
+          const scalar_t* row = xn + hw * p.C;
+#pragma omp simd
+          for (int64_t c = 0; c < p.C; ++c) {
+            const acc_t v = static_cast<acc_t>(row[c]) - pivot[c];
+            bs[c] += v;
+            bss[c] += v * v;
+          }
+        }
+        for (int64_t c = 0; c < p.C; ++c) {
+          cs[c] += bs[c];
+          css[c] += bss[c];
+        }
+      }
+      for (int64_t g = 0; g < p.G; ++g) {
+        double s = 0, ss = 0;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          s += cs[g * p.cpg + cl];
+          ss += css[g * p.cpg + cl];
+        }
+        const double m = s / M, var = std::max(ss / M - m * m, 0.0);
+        const acc_t mean = static_cast<acc_t>(pivot[g * p.cpg] + m);
+        const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+        mean_out[n * p.G + g] = mean;
+        rstd_out[n * p.G + g] = rstd;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl, nc = n * p.C + c;
+          A[c] = rstd * prm.w[c] * prm.s1[nc];
+          B[c] = (prm.b[c] - mean * rstd * prm.w[c]) * prm.s1[nc] + prm.sh[nc];
+        }
+      }
+      for (int64_t hw = 0; hw < p.HW; ++hw)
+        R::row(xn + hw * p.C, y + (n * p.HW + hw) * p.C, p.C, A.data(), B.data(), activation);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups,
+    double eps, bool activation) {
+  Problem p = check_inputs(x_in, weight, bias, scale, shift, groups);
+  at::Tensor x = canonical(x_in, p.channels_last);
+  const auto stat_dtype = opmath_dtype(x.scalar_type());
+  at::Tensor y = at::empty_like(x, p.channels_last ? at::MemoryFormat::ChannelsLast
+                                                   : at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty({p.N, p.G}, x.options().dtype(stat_dtype));
+  at::Tensor rstd = at::empty({p.N, p.G}, x.options().dtype(stat_dtype));
+  if (x.numel() == 0) return {y, mean.zero_(), rstd.fill_(1.0 / std::sqrt(eps))};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "groupnorm_silu_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto prm = gather_params<acc_t>(p, weight, bias, scale, shift);
+    forward_impl<scalar_t, acc_t>(p, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(),
+                                  prm, eps, activation);
+  });
+  return {y, mean, rstd};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+template <typename scalar_t, typename acc_t>
+void backward_impl(const Problem& p, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+                   const acc_t* mean, const acc_t* rstd, const Params<acc_t>& prm, bool activation,
+                   acc_t* T1, acc_t* T2 /* [N, C] outputs of pass 1 */) {
+  using R = Rows<scalar_t, acc_t>;
+  const int64_t M = p.cpg * p.HW;
+  // Per-(n, c) coefficients: a = A x + B, xhat = P x + Q.
+  auto coeffs = [&](int64_t n, int64_t c, acc_t& A, acc_t& B, acc_t& P, acc_t& Q) {
+    const int64_t ng = n * p.G + c / p.cpg, nc = n * p.C + c;
+    P = rstd[ng];
+    Q = -mean[ng] * rstd[ng];
+    A = P * prm.w[c] * prm.s1[nc];
+    B = (Q * prm.w[c] + prm.b[c]) * prm.s1[nc] + prm.sh[nc];
+  };
+  // dx = rstd * (k g - c1 - xhat c2) = K g + L x + M with K = rstd k, L = -rstd^2 c2,
+  // M = -rstd c1 + rstd^2 mean c2.
+  auto group_consts = [&](int64_t n, int64_t g, acc_t& c1, acc_t& c2) {
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t cl = 0; cl < p.cpg; ++cl) {
+      const int64_t c = g * p.cpg + cl, nc = n * p.C + c;
+      const acc_t k = prm.s1[nc] * prm.w[c];
+      s1 += k * T1[nc];
+      s2 += k * T2[nc];
+    }
+    c1 = s1 / M;
+    c2 = s2 / M;
+  };
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / p.G, g = ng % p.G;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl, off = (n * p.C + c) * p.HW;
+          acc_t A, B, P, Q;
+          coeffs(n, c, A, B, P, Q);
+          T1[n * p.C + c] = 0;
+          T2[n * p.C + c] = 0;
+          R::bsums_run(dy + off, x + off, p.HW, A, B, P, Q, activation, T1[n * p.C + c], T2[n * p.C + c]);
+        }
+        acc_t c1, c2;
+        group_consts(n, g, c1, c2);
+        const acc_t r = rstd[ng];
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl, off = (n * p.C + c) * p.HW;
+          acc_t A, B, P, Q;
+          coeffs(n, c, A, B, P, Q);
+          const acc_t K = r * prm.s1[n * p.C + c] * prm.w[c];
+          const acc_t L = -r * r * c2, Mc = -r * c1 + r * r * mean[ng] * c2;
+          R::bdx_run(dy + off, x + off, dx + off, p.HW, A, B, K, L, Mc, activation);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> A(p.C), B(p.C), P(p.C), Q(p.C), K(p.C), L(p.C), Mv(p.C);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t c = 0; c < p.C; ++c) coeffs(n, c, A[c], B[c], P[c], Q[c]);
+      acc_t* t1 = T1 + n * p.C;
+      acc_t* t2 = T2 + n * p.C;
+      std::fill(t1, t1 + p.C, acc_t(0));
+      std::fill(t2, t2 + p.C, acc_t(0));
+      const int64_t base = n * p.HW * p.C;
+      for (int64_t hw = 0; hw < p.HW; ++hw)
+        R::bsums_row(dy + base + hw * p.C, x + base + hw * p.C, p.C, A.data(), B.data(), P.data(),
+                     Q.data(), activation, t1, t2);
+      for (int64_t g = 0; g < p.G; ++g) {
+        acc_t c1, c2;
+        group_consts(n, g, c1, c2);
+        const acc_t r = rstd[n * p.G + g];
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl;
+          K[c] = r * prm.s1[n * p.C + c] * prm.w[c];
+          L[c] = -r * r * c2;
+          Mv[c] = -r * c1 + r * r * mean[n * p.G + g] * c2;
+        }
+      }
+      for (int64_t hw = 0; hw < p.HW; ++hw)
+        R::bdx_row(dy + base + hw * p.C, x + base + hw * p.C, dx + base + hw * p.C, p.C, A.data(),
+                   B.data(), K.data(), L.data(), Mv.data(), activation);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd,
+    int64_t groups, bool activation) {
+  Problem p = check_inputs(x_in, weight, bias, scale, shift, groups);
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes() && grad_y.scalar_type() == x_in.scalar_type(),
+              "groupnorm_silu_backward: grad_y must match x in shape and dtype, got ",
+              grad_y.sizes(), " ", grad_y.scalar_type());
+  at::Tensor x = canonical(x_in, p.channels_last);
+  const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor dy = grad_y.contiguous(fmt);
+  const auto acc = opmath_dtype(x.scalar_type());
+  at::Tensor mean_c = mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
+  TORCH_CHECK(mean_c.numel() == p.N * p.G && rstd_c.numel() == p.N * p.G,
+              "groupnorm_silu_backward: mean and rstd must have N * groups elements");
+  at::Tensor dx = at::empty_like(x, fmt);
+  at::Tensor T1 = at::zeros({p.N, p.C}, x.options().dtype(acc));
+  at::Tensor T2 = at::zeros({p.N, p.C}, x.options().dtype(acc));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "groupnorm_silu_backward_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      auto prm = gather_params<acc_t>(p, weight, bias, scale, shift);
+      backward_impl<scalar_t, acc_t>(p, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     dx.mutable_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc_t>(),
+                                     rstd_c.const_data_ptr<acc_t>(), prm, activation,
+                                     T1.mutable_data_ptr<acc_t>(), T2.mutable_data_ptr<acc_t>());
+    });
+  }
+  // Parameter gradients from the per-(n, c) sums (tiny [N, C] tensors).
+  at::Tensor w = weight.to(acc), b = bias.to(acc);
+  at::Tensor s1 = scale ? scale->reshape({p.N, p.C}).to(acc) + 1 : at::ones({p.N, p.C}, T1.options());
+  at::Tensor grad_weight = (s1 * T2).sum(0).to(weight.scalar_type());
+  at::Tensor grad_bias = (s1 * T1).sum(0).to(bias.scalar_type());
+  at::Tensor grad_scale = scale ? (w * T2 + b * T1).to(scale->scalar_type()).reshape(scale->sizes())
+                                : at::empty({0}, weight.options());
+  at::Tensor grad_shift = shift ? T1.to(shift->scalar_type()).reshape(shift->sizes())
+                                : at::empty({0}, weight.options());
+  return {dx, grad_weight, grad_bias, grad_scale, grad_shift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cmkernels, CPU, m) {
+  m.impl("groupnorm_silu", &groupnorm_silu_cpu);
+  m.impl("groupnorm_silu_backward", &groupnorm_silu_backward_cpu);
+}
+
+}  // namespace cmkernels
