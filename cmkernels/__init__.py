@@ -1,7 +1,7 @@
 """cmkernels: fused kernels, a trainer and a sampler for consistency models."""
 
-from cmkernels._extension import HAS_EXTENSION, build_info
 from cmkernels import ops
+from cmkernels._extension import HAS_EXTENSION, build_info
 
 __version__ = "0.1.0"
 

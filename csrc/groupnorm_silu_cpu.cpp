@@ -26,11 +26,13 @@ namespace cmkernels {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Elementwise math that vectorises (no libm calls in the loops).
+// Elementwise math that vectorises (no libm calls in the loops; -fno-trapping-math lets gcc turn
+// the clamps into selects).
 
 // exp for float: Cody-Waite range reduction and a degree-6 polynomial (max rel. error ~2 ulp).
 CMK_INLINE float exp_fast(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;  // ternaries keep NaN and if-convert into vector selects
+  x = x > 88.0f ? 88.0f : x;
   // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floor(), vectorises on SSE2).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;

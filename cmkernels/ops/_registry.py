@@ -8,7 +8,7 @@ that both texts agree, so they cannot drift.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

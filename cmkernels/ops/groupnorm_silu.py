@@ -84,9 +84,13 @@ def groupnorm_silu_ref(
 
 def check_inputs(x, weight, bias, scale, shift, groups) -> None:
     if x.dim() < 2:
-        raise ValueError(f"groupnorm_silu: x must have shape [N, C, *spatial], got {tuple(x.shape)}")
+        raise ValueError(
+            f"groupnorm_silu: x must have shape [N, C, *spatial], got {tuple(x.shape)}"
+        )
     if x.dtype not in _FLOATS:
-        raise TypeError(f"groupnorm_silu: x must be float32/float16/bfloat16/float64, got {x.dtype}")
+        raise TypeError(
+            f"groupnorm_silu: x must be float32/float16/bfloat16/float64, got {x.dtype}"
+        )
     N, C = x.shape[:2]
     if groups <= 0 or C % groups:
         raise ValueError(
@@ -183,7 +187,9 @@ if HAS_TRITON:
         c = g * CPG + cl
         cmask = cl < CPG
         mask = cmask[:, None] & (hw[None, :] < HW)
-        offs = n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c + hw[None, :] * stride_hw
+        offs = (
+            n.to(tl.int64) * stride_n + c[:, None].to(tl.int64) * stride_c + hw[None, :] * stride_hw
+        )
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         count = CPG * HW
         mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
@@ -219,7 +225,7 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
         BLOCK_HW: tl.constexpr,
     ):
-        # Chan et al.'s pairwise merge of (count, mean, M2) over the slice's tiles: exact-ish in fp32
+        # Chan et al.'s pairwise merge of (count, mean, M2) over the slice's tiles: accurate in fp32
         # even where |mean| >> std, unlike sum / sum-of-squares.
         pid = tl.program_id(0)
         sid = tl.program_id(1)
@@ -328,8 +334,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _gn_coefficients(
-        w_ptr, b_ptr, scale_ptr, shift_ptr, mean, rstd, n, c, C, cmask,
-        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+        w_ptr,
+        b_ptr,
+        scale_ptr,
+        shift_ptr,
+        mean,
+        rstd,
+        n,
+        c,
+        C,
+        cmask,
+        HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
     ):
         # Per-channel (A, B, s1, w, b): a = A x + B, s1 = 1 + scale.
         w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
@@ -655,7 +671,9 @@ def _backward_fallback(grad_y, x, weight, bias, scale, shift, mean, rstd, groups
         gx,
         (s1_nc * T2).sum(0).to(weight.dtype),
         (s1_nc * T1).sum(0).to(bias.dtype),
-        (w[:, 0] * T2 + b[:, 0] * T1).to(scale.dtype).reshape(scale.shape) if scale is not None else empty,
+        (w[:, 0] * T2 + b[:, 0] * T1).to(scale.dtype).reshape(scale.shape)
+        if scale is not None
+        else empty,
         T1.to(shift.dtype).reshape(shift.shape) if shift is not None else empty,
     )
 

@@ -1,0 +1,254 @@
+"""groupnorm_silu: every implementation (C++ CPU kernel, Triton kernel, no-extension fallback)
+against the float64 reference, forward and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerance import assert_close_rule, rel_err
+from conftest import requires_cuda
+
+import cmkernels
+from cmkernels.ops import groupnorm_silu, groupnorm_silu_ref
+from cmkernels.ops import groupnorm_silu as gn_module  # noqa: F401
+from cmkernels.ops._registry import schema_of
+from cmkernels.ops.groupnorm_silu import (
+    SCHEMA,
+    _backward_fallback,
+    _forward_fallback,
+    groupnorm_silu_backward_triton,
+    groupnorm_silu_triton,
+)
+
+OP = torch.ops.cmkernels.groupnorm_silu.default
+BWD = torch.ops.cmkernels.groupnorm_silu_backward.default
+
+IMPLS = {
+    "cpu": (OP, BWD),
+    "triton": (groupnorm_silu_triton, groupnorm_silu_backward_triton),
+    "fallback": (_forward_fallback, _backward_fallback),
+}
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+# (shape, groups): odd sizes, channels per group that are not powers of two (6), a group too
+# large for one program (the two-stage reduction), a 3-d input (attention's norm on [B, C, T]).
+CASES = [
+    ((2, 12, 5, 7), 4),
+    ((3, 48, 9, 11), 8),
+    ((1, 192, 8, 8), 32),
+    ((2, 8, 70, 70), 2),
+    ((2, 32, 13), 8),
+]
+
+
+def _inputs(shape, groups, dtype, layout, modulate, param_dtype=torch.float32):
+    N, C = shape[:2]
+    x = (torch.randn(shape) * 1.7 + 0.6).to(dtype)
+    if layout == "channels_last":
+        if x.dim() != 4:
+            pytest.skip("channels_last needs a 4-d tensor")
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]  # a non-contiguous view with the same values
+    weight = (1 + 0.3 * torch.randn(C)).to(param_dtype)
+    bias = (0.2 * torch.randn(C)).to(param_dtype)
+    scale = (0.5 * torch.randn(N, C)).to(param_dtype) if modulate else None
+    shift = (0.5 * torch.randn(N, C)).to(param_dtype) if modulate else None
+    return x, weight, bias, scale, shift
+
+
+def _eager(x, weight, bias, scale, shift, groups, activation=True):
+    """Plain PyTorch in x's dtype (what the tolerance rule compares with)."""
+    bc = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    h = F.group_norm(x, groups, weight.to(x.dtype), bias.to(x.dtype), 1e-5)
+    if scale is not None:
+        h = h * (1 + scale.to(x.dtype).reshape(bc)) + shift.to(x.dtype).reshape(bc)
+    return F.silu(h) if activation else h
+
+
+def _reference_with_grads(x, weight, bias, scale, shift, groups, activation, grad_y):
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None
+              for t in (x, weight, bias, scale, shift)]  # fmt: skip
+    y = groupnorm_silu_ref(*leaves, groups=groups, activation=activation)
+    y.backward(grad_y.double())
+    return y, [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
+def test_forward_and_backward_match_float64(impl, dtype, layout, case):
+    shape, groups = case
+    fwd, bwd = IMPLS[impl]
+    modulate = shape[1] != 8  # also cover the plain (no scale/shift) path
+    activation = shape[1] != 12  # and the no-activation path
+    x, w, b, s, sh = _inputs(shape, groups, dtype, layout, modulate)
+    y, mean, rstd = fwd(x, w, b, s, sh, groups, 1e-5, activation)
+    grad_y = torch.randn(shape).to(dtype)
+    ref, ref_grads = _reference_with_grads(x, w, b, s, sh, groups, activation, grad_y)
+
+    assert y.dtype == dtype and y.shape == x.shape
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close_rule(y, ref, _eager(x, w, b, s, sh, groups, activation), ATOL[dtype])
+    # Statistics are kept in fp32.
+    assert mean.dtype == torch.float32 and rstd.dtype == torch.float32
+    xg = x.double().reshape(shape[0], groups, -1)
+    torch.testing.assert_close(mean.double(), xg.mean(-1), rtol=1e-3, atol=1e-3)
+
+    grads = bwd(grad_y, x, w, b, s, sh, mean, rstd, groups, activation)
+    names = ["grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"]
+    # Gradients in low precision: the kernel accumulates in fp32; bound relative to the largest
+    # entry, loose enough for one rounding of the inputs to bf16.
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    for name, got, want in zip(names, grads, ref_grads):
+        if want is None:
+            assert got.numel() == 0, f"{name} must be empty without scale/shift"
+            continue
+        assert got.shape == want.shape, name
+        assert rel_err(got, want) < tol, f"{name}: relative error {rel_err(got, want):.3g}"
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_half_parameters_and_half_modulation(impl):
+    # weight/bias/scale/shift may share x's dtype instead of float32.
+    fwd, bwd = IMPLS[impl]
+    x, w, b, s, sh = _inputs((2, 16, 6, 5), 4, torch.bfloat16, "contiguous", True, torch.bfloat16)
+    y, mean, rstd = fwd(x, w, b, s, sh, 4, 1e-5, True)
+    ref = groupnorm_silu_ref(*(t.double() for t in (x, w, b, s, sh)), groups=4)
+    assert rel_err(y, ref) < 2e-2
+    grads = bwd(torch.randn_like(x), x, w, b, s, sh, mean, rstd, 4, True)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 5
+
+
+def test_public_entry_point_autograd_matches_reference():
+    x, w, b, s, sh = _inputs((2, 24, 7, 9), 8, torch.float32, "contiguous", True)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b, s, sh)]
+    y = groupnorm_silu(*leaves, groups=8)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref, ref_grads = _reference_with_grads(x, w, b, s, sh, 8, True, g)
+    assert rel_err(y, ref) < 1e-5
+    for leaf, want in zip(leaves, ref_grads):
+        assert rel_err(leaf.grad, want) < 1e-4
+
+
+def test_gradcheck_float64():
+    x, w, b, s, sh = (
+        t.double() for t in _inputs((2, 6, 3, 2), 3, torch.float32, "contiguous", True)
+    )
+    args = [t.requires_grad_(True) for t in (x, w, b, s, sh)]
+    fn = lambda *a: groupnorm_silu(*a, groups=3)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5)
+    fn_plain = lambda x, w, b: groupnorm_silu(x, w, b, groups=3, activation=False)
+    assert torch.autograd.gradcheck(fn_plain, args[:3], eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("modulate", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(modulate, layout):
+    x, w, b, s, sh = _inputs((2, 8, 5, 3), 4, torch.float32, layout, modulate)
+    for t in (x, w, b, s, sh):
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(OP, (x, w, b, s, sh, 4, 1e-5, True))
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, s, sh = _inputs((2, 16, 6, 6), 4, torch.float32, "contiguous", True)
+
+    def block(x, w, b, s, sh):
+        return groupnorm_silu(x, w, b, s, sh, groups=4) * 2.0 + 1.0
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b, s, sh)]
+    out = compiled(*leaves)
+    out.sum().backward()
+    ref = block(x, w, b, s, sh)
+    torch.testing.assert_close(out, ref)
+    assert leaves[0].grad is not None and leaves[3].grad is not None
+
+
+def test_schema_declared_once_and_matches_python():
+    assert schema_of("groupnorm_silu") == "cmkernels::groupnorm_silu" + SCHEMA
+
+
+def test_extension_loaded_and_build_info():
+    info = cmkernels.build_info()
+    assert info["extension"], info
+    assert info["torch_built_against"].split(".")[:2] == torch.__version__.split(".")[:2]
+    assert isinstance(info["cuda_compiled"], bool)
+    if info["cuda_compiled"]:
+        assert info["cuda_archs"] and info["cuda_version"]
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.update(groups=5), ValueError, "divisible by groups"),
+        (lambda a: a.update(w=a["w"][:-1]), ValueError, "weight has shape"),
+        (lambda a: a.update(s=a["s"][:, :-1]), ValueError, "scale has shape"),
+        (lambda a: a.update(sh=a["sh"].double()), TypeError, "shift has dtype"),
+        (lambda a: a.update(x=a["x"].long()), TypeError, "must be float32"),
+        (lambda a: a.update(x=a["x"][0, 0, 0]), ValueError, r"\[N, C, \*spatial\]"),
+        (lambda a: a.update(w=a["w"].to("meta")), ValueError, "weight is on"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["cpu", "triton", "public"])
+def test_bad_input_raises_clear_error(mutate, error, match, impl):
+    x, w, b, s, sh = _inputs((2, 8, 4, 4), 4, torch.float32, "contiguous", True)
+    a = dict(x=x, w=w, b=b, s=s, sh=sh, groups=4)
+    mutate(a)
+    args = (a["x"], a["w"], a["b"], a["s"], a["sh"], a["groups"], 1e-5, True)
+    if impl == "triton":
+        fn = lambda: groupnorm_silu_triton(*args)
+    elif impl == "cpu":
+        fn = lambda: OP(*args)
+    else:
+        fn = lambda: groupnorm_silu(a["x"], a["w"], a["b"], a["s"], a["sh"], groups=a["groups"])
+    # The C++ kernel reports through TORCH_CHECK (a RuntimeError subclass carrying the same text).
+    with pytest.raises((error, RuntimeError), match=match):
+        fn()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "shape, groups",
+    [((4, 192, 64, 64), 32), ((1, 384, 32, 32), 32), ((64, 576, 16, 16), 32), ((3, 96, 17, 5), 32)],
+)
+def test_cuda_kernel_matches_float64(dtype, layout, shape, groups):
+    x, w, b, s, sh = _inputs(shape, groups, dtype, layout, True)
+    x, w, b, s, sh = (t.cuda() for t in (x, w, b, s, sh))
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b, s, sh)]
+    y = groupnorm_silu(*leaves, groups=groups)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref, ref_grads = _reference_with_grads(x, w, b, s, sh, groups, True, g)
+    assert_close_rule(y, ref, _eager(x, w, b, s, sh, groups), ATOL[dtype])
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    for leaf, want in zip(leaves, ref_grads):
+        assert rel_err(leaf.grad, want) < tol
+
+
+@requires_cuda
+def test_cuda_graph_capture_and_compile():
+    x, w, b, s, sh = (
+        t.cuda() for t in _inputs((8, 64, 16, 16), 32, torch.bfloat16, "channels_last", True)
+    )
+    y_eager = groupnorm_silu(x, w, b, s, sh)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        groupnorm_silu(x, w, b, s, sh)  # warm-up (Triton compilation) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = groupnorm_silu(x, w, b, s, sh)
+    x.copy_(x * 0.5)
+    graph.replay()
+    torch.testing.assert_close(y_graph, groupnorm_silu(x, w, b, s, sh))
+    compiled = torch.compile(lambda *a: groupnorm_silu(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b, s, sh), groupnorm_silu(x, w, b, s, sh))
+    assert y_eager.shape == x.shape
