@@ -5,17 +5,37 @@
 
 #include <cstdint>
 
-// Dispatch the hot CPU loops to an AVX2/FMA clone where the processor has one (gcc/clang on x86-64);
-// the default clone keeps the extension loadable on any x86-64 (and elsewhere it is a no-op).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__NVCC__)
-#define CMK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// Hot CPU loops are compiled twice: for baseline x86-64 and for x86-64-v3 (AVX2 + FMA), picked at
+// run time by cpu_has_avx2(), so one build runs everywhere and fast where it can.
+//   CMK_DISPATCHED(name, (params), (args), body-calling-a-template)
+// defines name_avx2, name_base and name, which forwards to the best one.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__NVCC__)
+#define CMK_HAVE_AVX2_PATH 1
+#define CMK_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
-#define CMK_CPU_CLONES
+#define CMK_HAVE_AVX2_PATH 0
+#define CMK_TARGET_AVX2
 #endif
 
 #define CMK_INLINE inline __attribute__((always_inline))
 
 namespace cmkernels {
+
+inline bool cpu_has_avx2() {
+#if CMK_HAVE_AVX2_PATH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#define CMK_DISPATCHED(name, params, args, body)                      \
+  CMK_TARGET_AVX2 static void name##_avx2 params { body; }             \
+  static void name##_base params { body; }                             \
+  static inline void name params {                                     \
+    if (cpu_has_avx2()) name##_avx2 args; else name##_base args;       \
+  }
 
 // True for the floating dtypes the kernels accept for activations.
 inline bool is_activation_dtype(at::ScalarType t) {

@@ -27,15 +27,13 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Elementwise math that vectorises (no libm calls in the loops; -fno-trapping-math lets gcc turn
-// the clamps into selects).
+// the selects into blends).
 
-// exp for float: Cody-Waite range reduction and a degree-6 polynomial (max rel. error ~2 ulp).
-CMK_INLINE float exp_fast(float x) {
-  x = x < -87.0f ? -87.0f : x;  // ternaries keep NaN and if-convert into vector selects
-  x = x > 88.0f ? 88.0f : x;
-  // Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floor(), vectorises on SSE2).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
+// exp(z) for z in [-87, 0]: Cody-Waite range reduction and a degree-6 polynomial (a few ulp).
+CMK_INLINE float exp_nonpositive(float z) {
+  // Round z / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floor(), vectorises on SSE2).
+  const float n = (z * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = z - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -44,11 +42,20 @@ CMK_INLINE float exp_fast(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
   return e * std::bit_cast<float>(bits);
 }
 
-CMK_INLINE float sigmoid(float a) { return 1.0f / (1.0f + exp_fast(-a)); }
+// sigmoid(a) from t = exp(-|a|) <= 1, which cannot overflow: s = 1 / (1 + t) for a >= 0 and t s
+// below. |a| is clamped to 87 on its bit pattern (an integer min, cheaper than float compares
+// with NaN semantics); a NaN input still yields NaN through the caller's a * sigmoid(a).
+CMK_INLINE float sigmoid(float a) {
+  const int32_t abits = std::bit_cast<int32_t>(a) & 0x7fffffff;
+  const float m = std::bit_cast<float>(abits < 0x42ae0000 ? abits : 0x42ae0000);  // min(|a|, 87)
+  const float t = exp_nonpositive(-m);
+  const float s = 1.0f / (1.0f + t);
+  return a >= 0.0f ? s : t * s;
+}
 CMK_INLINE double sigmoid(double a) { return 1.0 / (1.0 + std::exp(-a)); }
 
 template <typename acc_t>
@@ -65,8 +72,8 @@ CMK_INLINE acc_t act_bwd(acc_t dy, acc_t a, bool activation) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row kernels on raw pointers. Templates are force-inlined into the float clones below so the
-// AVX2 clone gets AVX2 code.
+// Row kernels on raw pointers. Templates are force-inlined into the fp32 entry points below, so
+// the AVX2 variant gets AVX2 code.
 
 // Shifted sums of a contiguous run: returns (sum(x - pivot), sum((x - pivot)^2)) in double, with
 // float partial sums over short blocks (vectorised) for speed.
@@ -173,37 +180,37 @@ CMK_INLINE void bwd_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   }
 }
 
-// fp32 entry points with an AVX2 clone; other dtypes use the templates directly.
-CMK_CPU_CLONES void shifted_sums_f32(const float* x, int64_t n, float pivot, double& s, double& ss) {
-  shifted_sums<float, float>(x, n, pivot, s, ss);
-}
-CMK_CPU_CLONES void affine_act_run_f32(const float* x, float* y, int64_t n, float A, float B, bool act) {
-  affine_act_run<float, float>(x, y, n, A, B, act);
-}
-CMK_CPU_CLONES void affine_act_row_f32(const float* x, float* y, int64_t C, const float* A,
-                                       const float* B, bool act) {
-  affine_act_row<float, float>(x, y, C, A, B, act);
-}
-CMK_CPU_CLONES void bwd_sums_run_f32(const float* dy, const float* x, int64_t n, float A, float B,
-                                     float P, float Q, bool act, float& T1, float& T2) {
-  bwd_sums_run<float, float>(dy, x, n, A, B, P, Q, act, T1, T2);
-}
-CMK_CPU_CLONES void bwd_dx_run_f32(const float* dy, const float* x, float* dx, int64_t n, float A,
-                                   float B, float K, float L, float M, bool act) {
-  bwd_dx_run<float, float>(dy, x, dx, n, A, B, K, L, M, act);
-}
-CMK_CPU_CLONES void bwd_sums_row_f32(const float* dy, const float* x, int64_t C, const float* A,
-                                     const float* B, const float* P, const float* Q, bool act,
-                                     float* T1, float* T2) {
-  bwd_sums_row<float, float>(dy, x, C, A, B, P, Q, act, T1, T2);
-}
-CMK_CPU_CLONES void bwd_dx_row_f32(const float* dy, const float* x, float* dx, int64_t C,
-                                   const float* A, const float* B, const float* K, const float* L,
-                                   const float* M, bool act) {
-  bwd_dx_row<float, float>(dy, x, dx, C, A, B, K, L, M, act);
-}
+// fp32 entry points, compiled for baseline x86-64 and for AVX2+FMA; other dtypes use the
+// templates directly.
+CMK_DISPATCHED(shifted_sums_f32, (const float* x, int64_t n, float p, double& s, double& ss),
+               (x, n, p, s, ss), (shifted_sums<float, float>(x, n, p, s, ss)))
+CMK_DISPATCHED(affine_act_run_f32, (const float* x, float* y, int64_t n, float A, float B, bool act),
+               (x, y, n, A, B, act), (affine_act_run<float, float>(x, y, n, A, B, act)))
+CMK_DISPATCHED(affine_act_row_f32,
+               (const float* x, float* y, int64_t C, const float* A, const float* B, bool act),
+               (x, y, C, A, B, act), (affine_act_row<float, float>(x, y, C, A, B, act)))
+CMK_DISPATCHED(bwd_sums_run_f32,
+               (const float* dy, const float* x, int64_t n, float A, float B, float P, float Q,
+                bool act, float& T1, float& T2),
+               (dy, x, n, A, B, P, Q, act, T1, T2),
+               (bwd_sums_run<float, float>(dy, x, n, A, B, P, Q, act, T1, T2)))
+CMK_DISPATCHED(bwd_dx_run_f32,
+               (const float* dy, const float* x, float* dx, int64_t n, float A, float B, float K,
+                float L, float M, bool act),
+               (dy, x, dx, n, A, B, K, L, M, act),
+               (bwd_dx_run<float, float>(dy, x, dx, n, A, B, K, L, M, act)))
+CMK_DISPATCHED(bwd_sums_row_f32,
+               (const float* dy, const float* x, int64_t C, const float* A, const float* B,
+                const float* P, const float* Q, bool act, float* T1, float* T2),
+               (dy, x, C, A, B, P, Q, act, T1, T2),
+               (bwd_sums_row<float, float>(dy, x, C, A, B, P, Q, act, T1, T2)))
+CMK_DISPATCHED(bwd_dx_row_f32,
+               (const float* dy, const float* x, float* dx, int64_t C, const float* A,
+                const float* B, const float* K, const float* L, const float* M, bool act),
+               (dy, x, dx, C, A, B, K, L, M, act),
+               (bwd_dx_row<float, float>(dy, x, dx, C, A, B, K, L, M, act)))
 
-// Overload set routing float to the clones.
+// Overload set routing float to the dispatched entry points.
 template <typename scalar_t, typename acc_t>
 struct Rows {
   static void sums(const scalar_t* x, int64_t n, acc_t p, double& s, double& ss) { shifted_sums(x, n, p, s, ss); }
