@@ -17,6 +17,13 @@
 #define CMK_TARGET_AVX2
 #endif
 
+// Alternative for simple leaf functions: let gcc emit both variants and an ifunc resolver.
+#if CMK_HAVE_AVX2_PATH && !defined(__clang__)
+#define CMK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CMK_CPU_CLONES
+#endif
+
 #define CMK_INLINE inline __attribute__((always_inline))
 
 namespace cmkernels {
