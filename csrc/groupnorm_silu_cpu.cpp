@@ -58,17 +58,15 @@ CMK_INLINE float sigmoid(float a) {
 }
 CMK_INLINE double sigmoid(double a) { return 1.0 / (1.0 + std::exp(-a)); }
 
-template <typename acc_t>
-CMK_INLINE acc_t act_fwd(acc_t a, bool activation) {
-  return activation ? a * sigmoid(a) : a;
-}
-
-// dL/da given dL/dy.
-template <typename acc_t>
-CMK_INLINE acc_t act_bwd(acc_t dy, acc_t a, bool activation) {
-  if (!activation) return dy;
-  const acc_t s = sigmoid(a);
-  return dy * s * (acc_t(1) + a * (acc_t(1) - s));
+// dL/da given dL/dy; ACT is a template argument so the loops below stay free of control flow.
+template <bool ACT, typename acc_t>
+CMK_INLINE acc_t act_bwd(acc_t dy, acc_t a) {
+  if constexpr (!ACT) {
+    return dy;
+  } else {
+    const acc_t s = sigmoid(a);
+    return dy * s * (acc_t(1) + a * (acc_t(1) - s));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,14 +125,14 @@ CMK_INLINE void affine_act_row(const scalar_t* x, scalar_t* y, int64_t C, const 
 
 // Backward pass 1 over a contiguous run of one channel: T1 += sum g, T2 += sum g * xhat, where
 // xhat = P x + Q and a = A x + B.
-template <typename scalar_t, typename acc_t>
-CMK_INLINE void bwd_sums_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t A, acc_t B,
-                             acc_t P, acc_t Q, bool activation, acc_t& T1, acc_t& T2) {
+template <bool ACT, typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_sums_run_t(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t A, acc_t B,
+                               acc_t P, acc_t Q, acc_t& T1, acc_t& T2) {
   acc_t t1 = 0, t2 = 0;
 #pragma omp simd reduction(+ : t1, t2)
   for (int64_t i = 0; i < n; ++i) {
     const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t g = act_bwd(static_cast<acc_t>(dy[i]), A * xv + B, activation);
+    const acc_t g = act_bwd<ACT>(static_cast<acc_t>(dy[i]), A * xv + B);
     t1 += g;
     t2 += g * (P * xv + Q);
   }
@@ -143,41 +141,69 @@ CMK_INLINE void bwd_sums_run(const scalar_t* dy, const scalar_t* x, int64_t n, a
 }
 
 // Backward pass 2 over a run of one channel: dx = K g + L x + M (all per-channel constants).
-template <typename scalar_t, typename acc_t>
-CMK_INLINE void bwd_dx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t A,
-                           acc_t B, acc_t K, acc_t L, acc_t M, bool activation) {
+template <bool ACT, typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_dx_run_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
+                             acc_t A, acc_t B, acc_t K, acc_t L, acc_t M) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t g = act_bwd(static_cast<acc_t>(dy[i]), A * xv + B, activation);
+    const acc_t g = act_bwd<ACT>(static_cast<acc_t>(dy[i]), A * xv + B);
     dx[i] = static_cast<scalar_t>(K * g + L * xv + M);
   }
 }
 
 // NHWC backward rows.
-template <typename scalar_t, typename acc_t>
-CMK_INLINE void bwd_sums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const acc_t* A,
-                             const acc_t* B, const acc_t* P, const acc_t* Q, bool activation,
-                             acc_t* T1, acc_t* T2) {
+template <bool ACT, typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_sums_row_t(const scalar_t* dy, const scalar_t* x, int64_t C, const acc_t* A,
+                               const acc_t* B, const acc_t* P, const acc_t* Q, acc_t* T1,
+                               acc_t* T2) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const acc_t xv = static_cast<acc_t>(x[c]);
-    const acc_t g = act_bwd(static_cast<acc_t>(dy[c]), A[c] * xv + B[c], activation);
+    const acc_t g = act_bwd<ACT>(static_cast<acc_t>(dy[c]), A[c] * xv + B[c]);
     T1[c] += g;
     T2[c] += g * (P[c] * xv + Q[c]);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-CMK_INLINE void bwd_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
-                           const acc_t* A, const acc_t* B, const acc_t* K, const acc_t* L,
-                           const acc_t* M, bool activation) {
+template <bool ACT, typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_dx_row_t(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
+                             const acc_t* A, const acc_t* B, const acc_t* K, const acc_t* L,
+                             const acc_t* M) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const acc_t xv = static_cast<acc_t>(x[c]);
-    const acc_t g = act_bwd(static_cast<acc_t>(dy[c]), A[c] * xv + B[c], activation);
+    const acc_t g = act_bwd<ACT>(static_cast<acc_t>(dy[c]), A[c] * xv + B[c]);
     dx[c] = static_cast<scalar_t>(K[c] * g + L[c] * xv + M[c]);
   }
+}
+
+// Runtime activation flag -> template argument.
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_sums_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t A, acc_t B,
+                             acc_t P, acc_t Q, bool act, acc_t& T1, acc_t& T2) {
+  if (act) bwd_sums_run_t<true>(dy, x, n, A, B, P, Q, T1, T2);
+  else bwd_sums_run_t<false>(dy, x, n, A, B, P, Q, T1, T2);
+}
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_dx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t A,
+                           acc_t B, acc_t K, acc_t L, acc_t M, bool act) {
+  if (act) bwd_dx_run_t<true>(dy, x, dx, n, A, B, K, L, M);
+  else bwd_dx_run_t<false>(dy, x, dx, n, A, B, K, L, M);
+}
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_sums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const acc_t* A,
+                             const acc_t* B, const acc_t* P, const acc_t* Q, bool act, acc_t* T1,
+                             acc_t* T2) {
+  if (act) bwd_sums_row_t<true>(dy, x, C, A, B, P, Q, T1, T2);
+  else bwd_sums_row_t<false>(dy, x, C, A, B, P, Q, T1, T2);
+}
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void bwd_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
+                           const acc_t* A, const acc_t* B, const acc_t* K, const acc_t* L,
+                           const acc_t* M, bool act) {
+  if (act) bwd_dx_row_t<true>(dy, x, dx, C, A, B, K, L, M);
+  else bwd_dx_row_t<false>(dy, x, dx, C, A, B, K, L, M);
 }
 
 // fp32 entry points, compiled for baseline x86-64 and for AVX2+FMA; other dtypes use the
