@@ -1,0 +1,99 @@
+"""Noise levels, preconditioning and the denoisers (EDM and consistency-model parameterisations).
+
+D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with the EDM
+scalings for the teacher and the boundary-condition scalings for consistency models
+(c_skip(sigma_min) = 1, c_out(sigma_min) = 0, so f(x, sigma_min) = x exactly).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+SIGMA_DATA = 0.5
+RHO = 7.0
+
+
+def karras_sigmas(
+    n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
+    device=None,
+) -> Tensor:  # fmt: skip
+    """The Karras grid of n points, DESCENDING (index 0 = sigma_max), float64, no final 0."""
+    if n < 2:
+        raise ValueError(f"a Karras grid needs at least 2 points, got {n}")
+    i = torch.arange(n, dtype=torch.float64, device=device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + i / (n - 1) * (lo - hi)) ** rho
+
+
+def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA):
+    """(c_skip, c_out, c_in) of EDM."""
+    s2 = sigma**2 + sigma_data**2
+    return sigma_data**2 / s2, sigma * sigma_data / s2.sqrt(), 1 / s2.sqrt()
+
+
+def cm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN):
+    """(c_skip, c_out, c_in) with the consistency-model boundary condition at sigma_min."""
+    s2 = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = (sigma - sigma_min) * sigma_data / s2.sqrt()
+    return c_skip, c_out, 1 / s2.sqrt()
+
+
+def c_noise(sigma: Tensor, convention: str = "official") -> Tensor:
+    """The network's time input: "official" (openai/consistency_models) 250 ln(sigma + 1e-44),
+    "edm" (NVlabs/edm) ln(sigma) / 4."""
+    if convention == "official":
+        return 250.0 * torch.log(sigma + 1e-44)
+    if convention == "edm":
+        return torch.log(sigma) / 4
+    raise ValueError(f"unknown c_noise convention {convention!r} (official | edm)")
+
+
+class Denoiser(nn.Module):
+    """Preconditioned denoiser around a backbone `net(x, c_noise, class_labels)`.
+
+    net:             the backbone (a UNet)
+    parameterization: "cm" (consistency model, boundary condition) or "edm" (diffusion teacher)
+    sigma_data, sigma_min, sigma_max: the constants of the scalings and of sampling
+    c_noise:         "official" or "edm" time input convention (match the weights)
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        parameterization: str = "cm",
+        sigma_data: float = SIGMA_DATA,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        c_noise: str = "official",
+    ):
+        super().__init__()
+        if parameterization not in ("cm", "edm"):
+            raise ValueError(f"parameterization must be 'cm' or 'edm', got {parameterization!r}")
+        self.net = net
+        self.parameterization = parameterization
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+        self.c_noise_convention = c_noise
+
+    def scalings(self, sigma: Tensor):
+        if self.parameterization == "cm":
+            return cm_scalings(sigma, self.sigma_data, self.sigma_min)
+        return edm_scalings(sigma, self.sigma_data)
+
+    def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
+        B = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(B)
+        if sigma.numel() != B:
+            raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {B}")
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
+        F_x = self.net((c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels)
+        return (c_skip * x.float() + c_out * F_x.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"parameterization={self.parameterization}, sigma_data={self.sigma_data}, "
+                f"sigma_min={self.sigma_min}, c_noise={self.c_noise_convention}")  # fmt: skip

@@ -1,0 +1,305 @@
+"""The ADM UNet of the official consistency-model checkpoints, written for fused kernels.
+
+Module names and tensor shapes equal the official ones (guided-diffusion's UNetModel), so a released
+state_dict loads with `load_state_dict(strict=True)`. The GroupNorm(+scale/shift)+SiLU sites call
+`groupnorm_silu` and attention calls one entry point on the packed qkv tensor; `config.ops` picks
+the fused ops ("kernels") or their pure-PyTorch references ("reference"), with the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmkernels import ops as _ops
+
+GROUPS = 32  # GroupNorm groups of every norm layer
+NORM_EPS = 1e-5
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 64
+    in_channels: int = 3
+    model_channels: int = 192  # width C of the first level
+    out_channels: int = 3
+    num_res_blocks: int = 3  # ResBlocks per level (the decoder has one more)
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # width of each level, in units of C
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)  # resolutions (pixels) with attention
+    num_heads: int = 4
+    num_head_channels: int = 64  # -1: use num_heads
+    use_scale_shift_norm: bool = True  # timestep modulation as GN(h) (1 + scale) + shift
+    resblock_updown: bool = True  # resample with ResBlocks instead of (strided) convs
+    num_classes: int | None = 1000  # class-conditional when set
+    dropout: float = 0.0
+    ops: str = "kernels"  # "kernels" | "reference"
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        if self.ops not in ("kernels", "reference"):
+            raise ValueError(f"ops must be 'kernels' or 'reference', got {self.ops!r}")
+        for m in self.channel_mult:
+            if (m * self.model_channels) % GROUPS:
+                raise ValueError(
+                    f"level width {m} x {self.model_channels} is not divisible by the {GROUPS} "
+                    "GroupNorm groups"
+                )
+
+    @classmethod
+    def from_official(cls, cfg: dict, **overrides) -> UNetConfig:
+        """From the official configuration keys (image_size, num_channels, channel_mult as text,
+        attention_resolutions as text, class_cond, ...)."""
+        size = int(cfg["image_size"])
+        mult = cfg.get("channel_mult", "")
+        if not mult:
+            mult = {64: "1,2,3,4", 128: "1,1,2,3,4", 256: "1,1,2,2,4,4", 512: "0.5,1,1,2,2,4,4"}[size]
+        mult = tuple(int(m) for m in str(mult).split(","))
+        attn = tuple(int(r) for r in str(cfg.get("attention_resolutions", "32,16,8")).split(","))
+        values = dict(
+            image_size=size,
+            in_channels=3,
+            out_channels=3,
+            model_channels=int(cfg["num_channels"]),
+            num_res_blocks=int(cfg["num_res_blocks"]),
+            channel_mult=mult,
+            attention_resolutions=attn,
+            num_heads=int(cfg.get("num_heads", 4)),
+            num_head_channels=int(cfg.get("num_head_channels", -1)),
+            use_scale_shift_norm=bool(cfg.get("use_scale_shift_norm", True)),
+            resblock_updown=bool(cfg.get("resblock_updown", True)),
+            num_classes=1000 if cfg.get("class_cond", False) else None,
+            dropout=float(cfg.get("dropout", 0.0)),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # The official configurations (openai/consistency_models).
+    "imagenet64": UNetConfig(),
+    "lsun256": UNetConfig(
+        image_size=256, model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
+        use_scale_shift_norm=False, num_classes=None,
+    ),  # fmt: skip
+    # Small networks that train on a CPU in minutes.
+    "gray28": UNetConfig(
+        image_size=28, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
+        channel_mult=(1, 2, 2), attention_resolutions=(7,), num_heads=2, num_head_channels=-1,
+        num_classes=None, dropout=0.1,
+    ),  # fmt: skip
+    "gray32": UNetConfig(
+        image_size=32, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
+        channel_mult=(1, 2, 2), attention_resolutions=(8,), num_heads=2, num_head_channels=-1,
+        num_classes=None, dropout=0.1,
+    ),  # fmt: skip
+    "rgb32": UNetConfig(
+        image_size=32, in_channels=3, out_channels=3, model_channels=64, num_res_blocks=2,
+        channel_mult=(1, 2, 2), attention_resolutions=(16, 8), num_heads=4, num_head_channels=-1,
+        num_classes=None, dropout=0.1,
+    ),  # fmt: skip
+}
+
+
+def get_preset(name: str, **overrides) -> UNetConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of the network's time input t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class _Ops:
+    """Resolves the op implementations at call time (so later replacements are picked up)."""
+
+    def __init__(self, config: UNetConfig):
+        self.config = config
+
+    def gn(self, x, norm: nn.GroupNorm, scale=None, shift=None, activation=True):
+        fn = _ops.groupnorm_silu if self.config.ops == "kernels" else _ops.groupnorm_silu_ref
+        return fn(x, norm.weight, norm.bias, scale, shift, groups=norm.num_groups, eps=norm.eps,
+                  activation=activation)  # fmt: skip
+
+    def attention(self, qkv, num_heads):
+        fn = _ops.attention if self.config.ops == "kernels" else _ops.attention_ref
+        return fn(qkv, num_heads)
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GROUPS, ch, eps=NORM_EPS)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ops: _Ops, ch: int, emb_ch: int, dropout: float, out_ch: int | None = None,
+                 scale_shift: bool = True, up: bool = False, down: bool = False):  # fmt: skip
+        super().__init__()
+        out_ch = out_ch or ch
+        self.ops, self.scale_shift, self.up, self.down = ops, scale_shift, up, down
+        self.in_layers = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch if scale_shift else out_ch))
+        self.out_layers = nn.Sequential(
+            _norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        nn.init.zeros_(self.out_layers[3].weight)
+        nn.init.zeros_(self.out_layers[3].bias)
+        self.skip_connection = nn.Identity() if out_ch == ch else nn.Conv2d(ch, out_ch, 1)
+
+    def _resample(self, x):
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return x
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.ops.gn(x, self.in_layers[0])  # GN + SiLU
+        h = self.in_layers[2](self._resample(h))  # (B, out, H', W')
+        x = self._resample(x)
+        e = self.emb_layers(emb).to(h.dtype)  # (B, out or 2*out)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.ops.gn(h, self.out_layers[0], scale, shift)
+        else:
+            h = self.ops.gn(h + e[:, :, None, None], self.out_layers[0])
+        h = self.out_layers[3](self.out_layers[2](h))
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, ops: _Ops, ch: int, num_heads: int, num_head_channels: int):
+        super().__init__()
+        self.ops = ops
+        self.num_heads = num_heads if num_head_channels == -1 else ch // num_head_channels
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # 1x1 convs, as in the official checkpoints
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.ops.gn(x, self.norm, activation=False))  # (B, 3C, H, W)
+        h = self.ops.attention(qkv.reshape(B, 3 * C, H * W), self.num_heads)  # (B, C, T)
+        return x + self.proj_out(h.reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int, out_ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, out_ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, out_ch, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Block(nn.Sequential):
+    """A sequence of layers that take (h, emb)."""
+
+    def forward(self, h, emb):
+        for layer in self:
+            h = layer(h, emb) if not isinstance(layer, nn.Conv2d) else layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        ops = _Ops(config)
+        self.ops = ops
+        emb_ch = 4 * c.model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(c.model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)
+        )
+        if c.num_classes is not None:
+            self.label_emb = nn.Embedding(c.num_classes, emb_ch)
+        attn_ds = {c.image_size // r for r in c.attention_resolutions}
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ops, ch_in, emb_ch, c.dropout, ch_out, c.use_scale_shift_norm, **kw)
+
+        def attn(ch):
+            return AttentionBlock(ops, ch, c.num_heads, c.num_head_channels)
+
+        ch = c.channel_mult[0] * c.model_channels
+        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if ds in attn_ds:
+                    layers.append(attn(ch))
+                self.input_blocks.append(Block(*layers))
+                skips.append(ch)
+            if level != len(c.channel_mult) - 1:
+                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch, ch)
+                self.input_blocks.append(Block(down))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = Block(res(ch, ch), attn(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if ds in attn_ds:
+                    layers.append(attn(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch, ch))
+                    ds //= 2
+                self.output_blocks.append(Block(*layers))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def set_ops(self, which: str) -> UNet:
+        if which not in ("kernels", "reference"):
+            raise ValueError(f"ops must be 'kernels' or 'reference', got {which!r}")
+        self.config.ops = which
+        return self
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
+        emb = self.time_embed(timestep_embedding(c_noise.reshape(-1).expand(x.shape[0]), c.model_channels))
+        if c.num_classes is not None:
+            if class_labels is None:
+                raise ValueError("this UNet is class-conditional: pass class_labels")
+            emb = emb + self.label_emb(class_labels)
+        elif class_labels is not None:
+            raise ValueError("this UNet is unconditional: class_labels must be None")
+        h, hs = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        h = self.ops.gn(h, self.out[0])
+        return self.out[2](h)

@@ -1,0 +1,187 @@
+"""The UNet against the official network's stored outputs and layouts; denoisers; checkpoints."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmkernels.checkpoint import CheckpointError, load_denoiser, load_file, save_atomic
+from cmkernels.diffusion import (
+    SIGMA_MIN,
+    Denoiser,
+    c_noise,
+    cm_scalings,
+    edm_scalings,
+    karras_sigmas,
+)
+from cmkernels.unet import PRESETS, UNet, UNetConfig, get_preset
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not DATA.exists():  # a checkout with shared/ inside it
+    DATA = Path(__file__).resolve().parents[1] / "shared" / "data"
+REFERENCE = DATA / "official_unet_reference.pt"
+LAYOUTS = DATA / "official_unet_layouts.json"
+needs_data = pytest.mark.skipif(not REFERENCE.exists(), reason=f"no official reference at {DATA}")
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(REFERENCE, weights_only=True)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["imagenet64_mini", "lsun256_mini"])
+@pytest.mark.parametrize("ops", ["reference", "kernels"])
+def test_matches_official_outputs(reference, name, ops):
+    e = reference[name]
+    net = UNet(UNetConfig.from_official(e["config"], ops=ops))
+    net.load_state_dict(e["state_dict"], strict=True)
+    net.eval()
+    x, sig, y = e["x"], e["sigmas"], e["y"]
+    x_t = x * sig.view(-1, 1, 1, 1)  # the stored denoiser outputs are for x_t = x * sigma
+    with torch.no_grad():
+        assert rel_l2(net(x, e["rescaled_t"], y), e["F"]) < 1e-5
+        assert rel_l2(Denoiser(net, "cm")(x_t, sig, y), e["denoised_cm"]) < 1e-5
+        assert rel_l2(Denoiser(net, "edm")(x_t, sig, y), e["denoised_edm"]) < 1e-5
+
+
+@needs_data
+def test_kernels_path_matches_under_triton_interpreter(reference):
+    """The UNet with its GN sites on the Triton kernel (run by the interpreter on the CPU)."""
+    from cmkernels import ops
+    from cmkernels.ops.groupnorm_silu import groupnorm_silu_triton
+
+    e = reference["lsun256_mini"]
+    net = UNet(UNetConfig.from_official(e["config"]))
+    net.load_state_dict(e["state_dict"], strict=True)
+
+    def via_triton(x, w, b, scale=None, shift=None, *, groups=32, eps=1e-5, activation=True):
+        return groupnorm_silu_triton(x, w, b, scale, shift, groups, eps, activation)[0]
+
+    original = ops.groupnorm_silu
+    ops.groupnorm_silu = via_triton
+    try:
+        with torch.no_grad():
+            out = net(e["x"][:1], e["rescaled_t"][:1], None)
+    finally:
+        ops.groupnorm_silu = original
+    assert rel_l2(out, e["F"][:1]) < 1e-5
+
+
+@needs_data
+@pytest.mark.parametrize("preset", ["imagenet64", "lsun256"])
+def test_full_layouts_match_official(preset):
+    layout = json.loads(LAYOUTS.read_text())[preset]
+    with torch.device("meta"):
+        net = UNet(PRESETS[preset])
+    ours = {n: list(t.shape) for n, t in net.state_dict().items()}
+    assert ours == layout["tensors"]
+    assert sum(p.numel() for p in net.parameters()) == layout["num_params"]
+    assert UNetConfig.from_official(layout["config"]) == PRESETS[preset]
+
+
+def test_small_presets_run_and_channels_last():
+    for name in ("gray28", "gray32", "rgb32"):
+        cfg = get_preset(name)
+        net = UNet(cfg).eval()
+        x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+        with torch.no_grad():
+            a = net(x, torch.randn(2))
+            b = net.to(memory_format=torch.channels_last)(
+                x.to(memory_format=torch.channels_last), torch.randn(2).zero_() + 0
+            )
+        assert a.shape == x.shape and b.shape == x.shape
+
+
+def test_ops_switch_gives_same_outputs_with_same_weights():
+    cfg = get_preset("gray32", dropout=0.0)
+    net = UNet(cfg)
+    for p in net.parameters():  # the zero-initialised output convs would hide differences
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 1, 32, 32), torch.randn(2)
+    with torch.no_grad():
+        a = net.set_ops("kernels")(x, t)
+        b = net.set_ops("reference")(x, t)
+    assert rel_l2(a, b) < 1e-5
+
+
+def test_bad_inputs():
+    net = UNet(get_preset("gray32"))
+    with pytest.raises(ValueError, match="unconditional"):
+        net(torch.randn(1, 1, 32, 32), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        net(torch.randn(1, 3, 32, 32), torch.zeros(1))
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        get_preset("imagenet128")
+    with pytest.raises(ValueError, match="GroupNorm"):
+        get_preset("gray32", model_channels=24)
+
+
+def test_karras_grid_and_scalings():
+    s = karras_sigmas(40)
+    assert s[0].item() == pytest.approx(80.0) and s[-1].item() == pytest.approx(0.002)
+    assert (s[:-1] > s[1:]).all()
+    sig = torch.tensor([0.002, 0.5, 80.0])
+    c_skip, c_out, c_in = cm_scalings(sig)
+    assert c_skip[0] == 1 and c_out[0] == 0
+    torch.testing.assert_close(c_in, 1 / (sig**2 + 0.25).sqrt())
+    e_skip, e_out, _ = edm_scalings(sig)
+    torch.testing.assert_close(e_skip, 0.25 / (sig**2 + 0.25))
+    torch.testing.assert_close(e_out, sig * 0.5 / (sig**2 + 0.25).sqrt())
+    torch.testing.assert_close(c_noise(sig, "official"), 250 * torch.log(sig))
+    torch.testing.assert_close(c_noise(sig, "edm"), torch.log(sig) / 4)
+
+
+def test_boundary_condition_holds_exactly():
+    net = UNet(get_preset("gray32"))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    den = Denoiser(net, "cm")
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(den(x, SIGMA_MIN), x)
+
+
+def _ours(tmp_path, preset="gray32"):
+    net = UNet(get_preset(preset))
+    state = {
+        "format": "cmkernels", "version": 1,
+        "unet_config": __import__("dataclasses").asdict(net.config),
+        "denoiser": dict(parameterization="cm", sigma_data=0.5, sigma_min=0.002, sigma_max=80.0,
+                         c_noise="official"),
+        "model": net.state_dict(), "emas": {"0.999": net.state_dict()},
+    }  # fmt: skip
+    path = save_atomic(state, tmp_path / "ckpt.pt")
+    return net, path
+
+
+def test_checkpoint_round_trip(tmp_path):
+    net, path = _ours(tmp_path)
+    den = load_denoiser(path)
+    assert den.parameterization == "cm" and den.net.config == net.config
+    for a, b in zip(den.net.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_file(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_file(bad)
+    net, path = _ours(tmp_path)
+    plain = save_atomic(net.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="preset"):
+        load_denoiser(plain)
+    with pytest.raises(CheckpointError) as err:
+        load_denoiser(plain, preset="rgb32")
+    msg = str(err.value)
+    assert "missing keys" in msg or "shape mismatches" in msg
+    assert "gray28 or gray32" in msg and "--preset gray28" in msg
