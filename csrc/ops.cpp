@@ -13,4 +13,18 @@ TORCH_LIBRARY(cmkernels, m) {
       "groupnorm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
       "Tensor? shift, Tensor mean, Tensor rstd, int groups, bool activation) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Multi-head self-attention on the packed layout: qkv [B, 3*H*d, T], channel order (three, heads,
+  // head_dim) -> (out [B, H*d, T], lse [B, H, T] fp32: logsumexp of each softmax row).
+  // Kernels: CPU and CUDA (Triton) both register from Python (cmkernels/ops/attention.py).
+  m.def("attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
+  // Returns grad_qkv [B, 3*H*d, T].
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads) "
+      "-> Tensor");
+  // The same on q, k, v [B, H, T, d] -> (out [B, H, T, d], lse [B, H, T]).
+  m.def("attention_bhtd(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v), each [B, H, T, d].
+  m.def(
+      "attention_bhtd_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,394 @@
+"""Fused attention: Triton kernels (under TRITON_INTERPRET=1 on CPU tensors without a GPU), the
+CPU kernels, the torch.library registration (opcheck, autograd, torch.compile) and bad inputs.
+
+Accuracy rule (flash-attention's): against a float64 reference, the kernel's max error must be at
+most twice that of plain PyTorch (the einsum/softmax formulation) in the same dtype, plus a small
+atol. Under the interpreter, bfloat16 tl.dot operands are upcast to fp32 inside the kernel (the
+interpreter cannot multiply bf16; the products are exact in fp32, so this is what the tensor cores
+compute); everything else in the bf16 path (loads, casts of P and dS, stores) is the GPU code.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import importlib  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import cmkernels  # noqa: E402, F401
+from cmkernels.ops import attention, attention_bhtd, attention_bhtd_ref, attention_ref  # noqa: E402
+from cmkernels.ops._registry import schema_of  # noqa: E402
+
+A = importlib.import_module("cmkernels.ops.attention")
+
+CUDA = torch.cuda.is_available()
+# Where the Triton launchers run: the GPU, or CPU tensors under the interpreter.
+TRITON_DEVICE = "cuda" if CUDA else ("cpu" if A._INTERPRET else None)
+needs_triton = pytest.mark.skipif(
+    TRITON_DEVICE is None or not A.HAS_TRITON,
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before triton is imported",
+)
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 5e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def eager_lowp(q, k, v):
+    """Plain PyTorch attention computed in the inputs' dtype: the baseline error of the rule."""
+    w = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhts,bhsd->bhtd", torch.softmax(w, dim=-1), v)
+
+
+def split_heads(qkv, num_heads):
+    """(B, H, T, d) views of q, k, v in a packed [B, 3*H*d, T] tensor."""
+    B, C3, T = qkv.shape
+    return qkv.unflatten(1, (3, num_heads, C3 // (3 * num_heads))).transpose(-1, -2).unbind(1)
+
+
+def merge_heads(x):
+    B, H, T, d = x.shape
+    return x.transpose(-1, -2).reshape(B, H * d, T)
+
+
+def check_rule(name, actual, lowp, ref, dtype):
+    err = (actual.double() - ref).abs().max().item()
+    base = (lowp.double() - ref).abs().max().item()
+    bound = 2 * base + ATOL[dtype]
+    assert err <= bound, f"{name}: max error {err:.3g} > 2 x PyTorch's {base:.3g} + {ATOL[dtype]:g}"
+
+
+def reference_packed(qkv, num_heads, grad_out):
+    """(out, lse, grad_qkv) in float64 and (out, grad_qkv) of eager PyTorch in qkv.dtype."""
+    x64 = qkv.detach().double().requires_grad_()
+    out64 = attention_ref(x64, num_heads)
+    (g64,) = torch.autograd.grad(out64, x64, grad_out.double())
+    q, k, _ = split_heads(x64.detach(), num_heads)
+    lse64 = torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    xl = qkv.detach().requires_grad_()
+    outl = merge_heads(eager_lowp(*split_heads(xl, num_heads)))
+    (gl,) = torch.autograd.grad(outl, xl, grad_out)
+    return out64.detach(), lse64, g64, outl.detach(), gl
+
+
+def reference_bhtd(q, k, v, grad_out):
+    ins64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out64 = attention_bhtd_ref(*ins64)
+    g64 = torch.autograd.grad(out64, ins64, grad_out.double())
+    lse64 = torch.logsumexp(ins64[0] @ ins64[1].transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    insl = [x.detach().requires_grad_() for x in (q, k, v)]
+    outl = eager_lowp(*insl)
+    gl = torch.autograd.grad(outl, insl, grad_out)
+    return out64.detach(), lse64.detach(), g64, outl.detach(), gl
+
+
+def run_packed_triton(qkv, num_heads, grad_out):
+    out, lse = A.attention_triton(qkv, num_heads)
+    grad = A.attention_backward_triton(grad_out, qkv, out, lse, num_heads)
+    return out, lse, grad
+
+
+def check_packed(qkv, num_heads, grad_out, out, lse, grad):
+    dtype = qkv.dtype
+    out64, lse64, g64, outl, gl = reference_packed(qkv, num_heads, grad_out)
+    assert out.shape == out64.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == lse64.shape
+    check_rule("out", out, outl, out64, dtype)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-6)
+    C = qkv.shape[1] // 3
+    for i, name in enumerate(("dq", "dk", "dv")):
+        sl = slice(i * C, (i + 1) * C)
+        check_rule(name, grad[:, sl], gl[:, sl], g64[:, sl], dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU tensors, or the GPU).
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [16, 32, 64])
+@pytest.mark.parametrize("T", [1, 7, 64, 97])
+def test_triton_packed(T, d, dtype):
+    torch.manual_seed(T * 1000 + d)
+    B, H = (2, 2) if T < 64 else (1, 2)  # the interpreter's time grows with the programs
+    qkv = torch.randn(B, 3 * H * d, T, device=TRITON_DEVICE).to(dtype)
+    grad_out = torch.randn(B, H * d, T, device=TRITON_DEVICE).to(dtype)
+    out, lse, grad = run_packed_triton(qkv, H, grad_out)
+    check_packed(qkv, H, grad_out, out, lse, grad)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "d, dtype",
+    [(128, torch.float16), (8, torch.float32), (24, torch.bfloat16), (40, torch.float16)],
+)
+def test_triton_other_head_dims(d, dtype):
+    # 128, and head dims zero-padded inside the kernel (8: LSUN's 32 channels over 4 heads).
+    torch.manual_seed(d)
+    H, T = 2, 33
+    qkv = torch.randn(1, 3 * H * d, T, device=TRITON_DEVICE).to(dtype)
+    grad_out = torch.randn(1, H * d, T, device=TRITON_DEVICE).to(dtype)
+    check_packed(qkv, H, grad_out, *run_packed_triton(qkv, H, grad_out))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_small_blocks(monkeypatch, dtype):
+    # 16 x 16 tiles at T = 61: three full blocks plus a ragged tail in every loop of every kernel.
+    tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    monkeypatch.setattr(A, "_heuristic", lambda kernel, T, d, dt: tiles)
+    monkeypatch.setenv("CMKERNELS_AUTOTUNE", "0")
+    torch.manual_seed(0)
+    H, d, T = 1, 32, 61
+    qkv = torch.randn(1, 3 * H * d, T, device=TRITON_DEVICE).to(dtype)
+    grad_out = torch.randn(1, H * d, T, device=TRITON_DEVICE).to(dtype)
+    check_packed(qkv, H, grad_out, *run_packed_triton(qkv, H, grad_out))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_packed_noncontiguous(dtype):
+    # qkv as a channels-last view (token-major storage, channel stride 1) and grad_out strided in T.
+    torch.manual_seed(1)
+    H, d, T = 2, 16, 37
+    qkv = torch.randn(2, T, 3 * H * d, device=TRITON_DEVICE).to(dtype).transpose(1, 2)
+    grad_out = torch.randn(2, H * d, 2 * T, device=TRITON_DEVICE).to(dtype)[:, :, ::2]
+    assert not qkv.is_contiguous() and not grad_out.is_contiguous()
+    check_packed(qkv, H, grad_out, *run_packed_triton(qkv, H, grad_out))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "bthd", "packed_bt3hd"])
+def test_triton_bhtd(layout, dtype):
+    torch.manual_seed(2)
+    B, H, T, d = 2, 2, 45, 32
+    dev = TRITON_DEVICE
+    if layout == "contiguous":
+        q, k, v = (torch.randn(B, H, T, d, device=dev).to(dtype) for _ in range(3))
+    elif layout == "bthd":  # [B, T, H, d] storage
+        q, k, v = (torch.randn(B, T, H, d, device=dev).to(dtype).transpose(1, 2) for _ in range(3))
+    else:  # one [B, T, 3, H, d] tensor
+        q, k, v = torch.randn(B, T, 3, H, d, device=dev).to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    grad_out = torch.randn(B, H, T, d, device=dev).to(dtype)
+    out, lse = A.attention_bhtd_triton(q, k, v)
+    grads = A.attention_bhtd_backward_triton(grad_out, q, k, v, out, lse)
+    out64, lse64, g64, outl, gl = reference_bhtd(q, k, v, grad_out)
+    check_rule("out", out, outl, out64, dtype)
+    torch.testing.assert_close(lse.double(), lse64, atol=2e-5, rtol=1e-6)
+    for name, g, gr, gb in zip(("dq", "dk", "dv"), grads, g64, gl, strict=True):
+        assert g.shape == (B, H, T, d) and g.dtype == dtype
+        check_rule(name, g, gb, gr, dtype)
+
+
+@needs_triton
+def test_triton_empty_batch():
+    qkv = torch.randn(0, 3 * 2 * 16, 5, device=TRITON_DEVICE)
+    out, lse = A.attention_triton(qkv, 2)
+    assert out.shape == (0, 32, 5) and lse.shape == (0, 2, 5)
+    grad = A.attention_backward_triton(out.clone(), qkv, out, lse, 2)
+    assert grad.shape == qkv.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops on CPU tensors: CPU kernels, autograd, opcheck, torch.compile.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_op(dtype):
+    torch.manual_seed(3)
+    H, d, T = 2, 16, 29
+    qkv = torch.randn(2, 3 * H * d, T).to(dtype)
+    grad_out = torch.randn(2, H * d, T).to(dtype)
+    x = qkv.clone().requires_grad_()
+    out = attention(x, H)  # the op (autograd needs lse)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    _, lse = torch.ops.cmkernels.attention(qkv, H)
+    check_packed(qkv, H, grad_out, out.detach(), lse, grad)
+    with torch.no_grad():  # SDPA without the lse
+        torch.testing.assert_close(attention(qkv, H), out.detach(), atol=0, rtol=0)
+
+
+def test_cpu_op_bhtd():
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 17, 8).requires_grad_() for _ in range(3))
+    out = attention_bhtd(q, k, v)
+    torch.testing.assert_close(out, attention_bhtd_ref(q, k, v), atol=2e-6, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    refs = torch.autograd.grad(attention_bhtd_ref(q, k, v).sum(), (q, k, v))
+    for g, r in zip(grads, refs, strict=True):
+        torch.testing.assert_close(g, r, atol=2e-6, rtol=1e-5)
+
+
+def test_gradcheck_cpu():
+    torch.manual_seed(5)
+    qkv = torch.randn(1, 3 * 2 * 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: attention(x, 2), (qkv,), fast_mode=True)
+    qs = [torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(attention_bhtd, qs, fast_mode=True)
+
+
+def test_opcheck():
+    torch.manual_seed(6)
+    H, d, T = 2, 8, 6
+    qkv = torch.randn(2, 3 * H * d, T, requires_grad=True)
+    out, lse = torch.ops.cmkernels.attention(qkv.detach(), H)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.cmkernels.attention.default, (qkv, H))
+    torch.library.opcheck(
+        torch.ops.cmkernels.attention_backward.default, (grad_out, qkv.detach(), out, lse, H)
+    )
+    q, k, v = (torch.randn(2, H, T, d, requires_grad=True) for _ in range(3))
+    out, lse = torch.ops.cmkernels.attention_bhtd(q.detach(), k.detach(), v.detach())
+    torch.library.opcheck(torch.ops.cmkernels.attention_bhtd.default, (q, k, v))
+    torch.library.opcheck(
+        torch.ops.cmkernels.attention_bhtd_backward.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse),
+    )
+
+
+def test_torch_compile_cpu():
+    torch.manual_seed(7)
+    H, d, T = 2, 16, 12
+    qkv = torch.randn(2, 3 * H * d, T)
+
+    def block(x):  # the attention block's core: attention, then a residual-style use
+        return attention(x, H) * 2.0 + 1.0
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x1, x2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    y1, y2 = block(x1), compiled(x2)
+    torch.testing.assert_close(y2, y1)
+    y1.square().sum().backward()
+    y2.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(qkv), block(qkv))
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration and bad inputs.
+
+
+def _cpp_schemas():
+    """name -> schema text of every m.def in csrc/ops.cpp (adjacent literals joined)."""
+    text = (ROOT / "csrc" / "ops.cpp").read_text()
+    defs = {}
+    for body in re.findall(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", text):
+        schema = "".join(re.findall(r"\"([^\"]*)\"", body))
+        defs[schema.split("(", 1)[0]] = schema
+    return defs
+
+
+def test_schemas_match_cpp():
+    cpp = _cpp_schemas()
+    for name, schema in (
+        ("attention", A.SCHEMA),
+        ("attention_backward", A.BACKWARD_SCHEMA),
+        ("attention_bhtd", A.BHTD_SCHEMA),
+        ("attention_bhtd_backward", A.BHTD_BACKWARD_SCHEMA),
+    ):
+        assert cpp[name] == name + schema
+        assert schema_of(name) == f"cmkernels::{name}{schema}"
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="positive multiple of 3 \\* num_heads"):
+        attention(torch.randn(1, 3 * 16 + 3, 4), 2)
+    with pytest.raises(ValueError, match="num_heads must be positive"):
+        attention(torch.randn(1, 48, 4), 0)
+    with pytest.raises(ValueError, match="head dim 256 is not supported"):
+        attention(torch.randn(1, 3 * 256, 4), 1)
+    with pytest.raises(ValueError, match="shape \\[B, 3\\*H\\*d, T\\]"):
+        attention(torch.randn(48, 4), 1)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        attention(torch.ones(1, 48, 4, dtype=torch.int32), 1)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        torch.ops.cmkernels.attention(torch.ones(1, 48, 4, dtype=torch.int32), 1)
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="k has shape"):
+        attention_bhtd(q, torch.randn(1, 2, 6, 16), q)
+    with pytest.raises(TypeError, match="v has dtype"):
+        attention_bhtd(q, q, q.half())
+    with pytest.raises(ValueError, match="is on meta"):
+        attention_bhtd(q, q, torch.randn(1, 2, 5, 16, device="meta"))
+    with pytest.raises(ValueError, match="head dim 160"):
+        attention_bhtd(*(torch.randn(1, 1, 3, 160) for _ in range(3)))
+    qkv = torch.randn(1, 48, 4)
+    out, lse = torch.ops.cmkernels.attention(qkv, 1)
+    with pytest.raises(ValueError, match="grad_out has shape"):
+        torch.ops.cmkernels.attention_backward(out[:, :, :3], qkv, out, lse, 1)
+    with pytest.raises(TypeError, match="lse has dtype"):
+        torch.ops.cmkernels.attention_backward(out, qkv, out, lse.double(), 1)
+
+
+@pytest.mark.skipif(not A.HAS_TRITON, reason="needs triton")
+def test_triton_bad_inputs():
+    if TRITON_DEVICE is not None:
+        x64 = torch.randn(1, 48, 4, dtype=torch.float64, device=TRITON_DEVICE)
+        with pytest.raises(TypeError, match="float64 is served by the CPU kernels only"):
+            A.attention_triton(x64, 1)
+    if TRITON_DEVICE != "cpu":  # without the interpreter, CPU tensors are refused
+        with pytest.raises(ValueError, match="take CUDA tensors"):
+            A.attention_triton(torch.randn(1, 48, 4), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: the real kernels at the UNet's sizes (skipped without CUDA).
+
+
+@gpu
+@pytest.mark.parametrize("autotune", ["1", "0"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, d", [(64, 64), (256, 64), (1024, 64), (1025, 64), (4096, 64),
+                                  (1024, 128), (4096, 16)])  # fmt: skip
+def test_gpu_packed_large(T, d, dtype, autotune, monkeypatch):
+    monkeypatch.setenv("CMKERNELS_AUTOTUNE", autotune)
+    torch.manual_seed(T + d)
+    H = 2
+    qkv = torch.randn(2, 3 * H * d, T, device="cuda").to(dtype)
+    grad_out = torch.randn(2, H * d, T, device="cuda").to(dtype)
+    x = qkv.clone().requires_grad_()
+    out = attention(x, H)  # op -> Triton forward; autograd -> Triton backward
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    _, lse = torch.ops.cmkernels.attention(qkv, H)
+    check_packed(qkv, H, grad_out, out.detach(), lse, grad)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_bhtd_and_compile(dtype):
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(4, 6, 1024, 64, device="cuda", dtype=dtype) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = attention_bhtd(q, k, v)
+    torch.testing.assert_close(out, ref, atol=2e-2 if dtype == torch.bfloat16 else 2e-3, rtol=0)
+    compiled = torch.compile(lambda x: attention(x, 6), fullgraph=True)
+    qkv = torch.randn(4, 3 * 6 * 64, 1024, device="cuda", dtype=dtype)
+    torch.testing.assert_close(compiled(qkv), attention(qkv, 6))
+
+
+@gpu
+def test_gpu_cuda_graph():
+    qkv = torch.randn(2, 3 * 4 * 64, 256, device="cuda", dtype=torch.bfloat16)
+    eager = attention(qkv, 4)  # warm-up: compiles and autotunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attention(qkv, 4)
+    qkv.normal_()
+    graph.replay()
+    torch.testing.assert_close(captured, attention(qkv, 4))
+    assert not torch.equal(captured, eager)
