@@ -204,7 +204,7 @@ def run_batch(args, denoiser, sampler, sigmas, inputs: Inputs, noise, labels, in
         sample = samplers.sample_heun if sampler == "heun" else samplers.sample_euler
         return sample(denoiser, z, sigmas, labels)
     if task == "interpolate":
-        z0 = noise()  # Every row comes from --seed ...
+        z0 = noise()  # Every row is the noise of --seed; z1 that of --seed + 1.
         z1 = samplers.randn_per_sample([args.seed + 1] * len(indices), z0.shape[1:], z0.device)
         weights = torch.tensor(indices, dtype=torch.float64) / max(args.num_samples - 1, 1)
         return editing.interpolate(denoiser, z0, z1, weights, smax, labels)
