@@ -1,0 +1,266 @@
+"""Samplers: EDM Euler/Heun (teachers), one-step and multistep consistency sampling.
+
+Math: spec/consistency-models.md sections 2 (Karras grid), 4 (Heun step) and 8 (sampling).
+Every sampler is a pure function of (denoiser, unit noise z, noise levels, class labels, noise
+source); `denoiser(x, sigma, class_labels)` takes sigma as a per-sample Tensor [B].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+# Same defaults as cmkernels.diffusion (kept here so the samplers import without the network code).
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
+
+NoiseSource = Callable[[], Tensor]  # Returns a fresh unit-Gaussian draw shaped like the samples.
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample noise.
+
+
+class PerSampleNoise:
+    """Unit Gaussian noise with one generator per sample: row i of every draw depends only on
+    seeds[i], so an image does not depend on the batch it is generated in.
+
+    Each call returns the next draw [B, *shape_per_sample]. Draws are made in float32 on the CPU
+    and then moved, so a seed gives the same noise on every device and for every dtype.
+    """
+
+    def __init__(
+        self,
+        seeds: Sequence[int],                   # One seed per sample.
+        shape_per_sample: Sequence[int],        # E.g. (C, H, W).
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        self.shape = tuple(int(s) for s in shape_per_sample)
+        self.device = device
+        self.dtype = dtype
+
+    def __call__(self) -> Tensor:
+        z = torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])  # (B, ...)
+        return z.to(device=self.device, dtype=self.dtype)
+
+    def randint(self, high: int) -> Tensor:
+        """One integer in [0, high) per sample from the same generators (e.g. a class label),
+        long [B] on `device`; it advances the generators like a noise draw does."""
+        draws = [torch.randint(high, (1,), generator=g) for g in self.generators]
+        return torch.cat(draws).to(self.device)
+
+
+def randn_per_sample(
+    seeds: Sequence[int],
+    shape_per_sample: Sequence[int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The first draw of `PerSampleNoise(seeds, shape_per_sample)`: [B, *shape_per_sample]."""
+    return PerSampleNoise(seeds, shape_per_sample, device, dtype)()
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise levels.
+
+
+def ts_to_sigmas(
+    ts: Iterable[int],
+    steps: int,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
+) -> Tensor:
+    """Official integer time points -> noise levels, float64 [len(ts)].
+
+    Entry i is point ts[i] of the Karras grid of `steps` points (index 0 = sigma_max, index
+    steps - 1 = sigma_min), clipped into [sigma_min, sigma_max]. The official two-step sampler
+    of ImageNet-64 CD is ts = (0, 22, 39) with steps = 40: it evaluates the model at the first
+    two points; the last one (sigma_min) only ends the loop (see `sample_multistep`).
+    """
+    ts = [int(t) for t in ts]
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    if not ts:
+        raise ValueError("ts is empty")
+    if any(t < 0 or t > steps - 1 for t in ts):
+        raise ValueError(f"ts must lie in [0, {steps - 1}] for steps={steps}, got {ts}")
+    if any(a >= b for a, b in pairwise(ts)):
+        raise ValueError(f"ts must be strictly increasing, got {ts}")
+    u = torch.tensor(ts, dtype=torch.float64) / (steps - 1)  # (n,)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (hi + u * (lo - hi)) ** rho  # (n,)
+    # Hit the ends exactly: f(x, sigma_min) = x relies on sigma_min being sigma_min.
+    sigmas[u == 0] = sigma_max
+    sigmas[u == 1] = sigma_min
+    return sigmas.clamp(sigma_min, sigma_max)
+
+
+def consistency_time_points(
+    sigmas: Iterable[float] | Tensor,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+) -> list[float]:
+    """The time points a consistency sampler evaluates: each clipped into [sigma_min, sigma_max];
+    points at sigma_min are dropped (f(x, sigma_min) = x and no noise is added there)."""
+    points = [min(max(s, sigma_min), sigma_max) for s in check_sigmas(sigmas)]
+    points = [s for s in points if s > sigma_min]
+    if not points:
+        raise ValueError("no time point above sigma_min: nothing to evaluate")
+    return points
+
+
+def check_sigmas(sigmas: Iterable[float] | Tensor) -> list[float]:
+    """sigmas as a list of floats; ValueError unless nonempty, strictly decreasing and positive
+    (a final 0 allowed)."""
+    sigmas = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+    if not sigmas:
+        raise ValueError("no noise levels given")
+    if any(a <= b for a, b in pairwise(sigmas)) or sigmas[-1] < 0:
+        raise ValueError(f"noise levels must be positive and strictly decreasing, got {sigmas}")
+    return sigmas
+
+
+def _per_sample(sigma: float, x: Tensor) -> Tensor:
+    """sigma as a Tensor [B] (at least float32) for the denoiser and the Heun stages."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.full((x.shape[0],), float(sigma), dtype=dtype, device=x.device)
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    return tqdm(items, desc=desc, leave=False) if enabled else items
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM samplers (teachers): dx/dsigma = (x - D(x, sigma)) / sigma.
+
+
+def heun_stage1(x: Tensor, denoised: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
+    """Euler predictor: d = (x - D) / t;  x1 = x + (t_next - t) * d  -> (x1, d).
+
+    x, denoised [B, ...]; t, t_next [B] per-sample noise levels.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    t, t_next = t.reshape(shape), t_next.reshape(shape)  # (B, 1, ..., 1)
+    d = (x - denoised) / t
+    x1 = x + (t_next - t) * d
+    return x1, d
+
+
+def heun_stage2(
+    x: Tensor, d: Tensor, x1: Tensor, denoised1: Tensor, t: Tensor, t_next: Tensor
+) -> Tensor:
+    """Trapezoidal corrector: x_next = x + (t_next - t) * (d + (x1 - D1) / t_next) / 2.
+
+    x, d, x1, denoised1 [B, ...]; t, t_next [B] (t_next > 0).
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    t, t_next = t.reshape(shape), t_next.reshape(shape)  # (B, 1, ..., 1)
+    d1 = (x1 - denoised1) / t_next
+    return x + (t_next - t) * (d + d1) / 2
+
+
+def _with_final_zero(sigmas) -> list[float]:
+    sigmas = check_sigmas(sigmas)
+    return sigmas if sigmas[-1] == 0 else sigmas + [0.0]
+
+
+def sample_heun(
+    denoiser, z: Tensor, sigmas, class_labels: Tensor | None = None, *, progress: bool = False
+) -> Tensor:
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1 without churn).
+
+    z [B, C, H, W] unit noise; sigmas descending (a final 0 is appended when absent).
+    N steps cost 2N - 1 denoiser evaluations: the step to 0 has no correction.
+    """
+    sigmas = _with_final_zero(sigmas)
+    x = z.to(torch.promote_types(z.dtype, torch.float32)) * sigmas[0]  # x_0 ~ N(0, t_0^2 I)
+    steps = list(pairwise(sigmas))
+    for t_cur, t_next in _progress(steps, progress, "heun"):
+        t, tn = _per_sample(t_cur, x), _per_sample(t_next, x)  # (B,)
+        # Euler step.
+        denoised = denoiser(x, t, class_labels)
+        x_next, d = heun_stage1(x, denoised, t, tn)
+        # Apply 2nd order correction.
+        if t_next > 0:
+            denoised = denoiser(x_next, tn, class_labels)
+            x_next = heun_stage2(x, d, x_next, denoised, t, tn)
+        x = x_next
+    return x
+
+
+def sample_euler(
+    denoiser, z: Tensor, sigmas, class_labels: Tensor | None = None, *, progress: bool = False
+) -> Tensor:
+    """Euler sampler of the same ODE: N steps cost N denoiser evaluations."""
+    sigmas = _with_final_zero(sigmas)
+    x = z.to(torch.promote_types(z.dtype, torch.float32)) * sigmas[0]  # x_0 ~ N(0, t_0^2 I)
+    steps = list(pairwise(sigmas))
+    for t_cur, t_next in _progress(steps, progress, "euler"):
+        t, tn = _per_sample(t_cur, x), _per_sample(t_next, x)  # (B,)
+        # Euler step.
+        x, _ = heun_stage1(x, denoiser(x, t, class_labels), t, tn)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Consistency-model samplers.
+
+
+def sample_multistep(
+    denoiser,
+    z: Tensor,
+    sigmas,
+    noise: NoiseSource | None,
+    class_labels: Tensor | None = None,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    clamp: bool = True,
+    *,
+    replace: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Multistep consistency sampling (Algorithm 1 of Song et al. 2023).
+
+    z [B, C, H, W] unit noise; sigmas: the time points tau_1 > tau_2 > ... (tau_1 is normally
+    sigma_max), each clipped into [sigma_min, sigma_max]; points at sigma_min are skipped, so
+    `ts_to_sigmas((0, 22, 39), 40)` costs 2 evaluations as in the official sampler.
+    noise() gives the fresh unit noise of steps 2, 3, ... (unused for a single time point).
+    clamp: clip each f output to [-1, 1] (official). replace: applied to each (clamped) f
+    output; `cmkernels.editing` uses it for Algorithm 4's projection onto the known part.
+    """
+    taus = consistency_time_points(sigmas, sigma_min, sigma_max)
+    x = z.to(torch.promote_types(z.dtype, torch.float32)) * taus[0]  # x_T ~ N(0, tau_1^2 I)
+    for i, tau in enumerate(_progress(taus, progress, "multistep")):
+        if i > 0:
+            # Sample x_tau ~ N(x, (tau^2 - sigma_min^2) I).
+            x = x + math.sqrt(tau**2 - sigma_min**2) * noise()
+        # x <- f(x_tau, tau).
+        x = denoiser(x, _per_sample(tau, x), class_labels)
+        if clamp:
+            x = x.clamp(-1, 1)
+        if replace is not None:
+            x = replace(x)
+    return x
+
+
+def sample_onestep(
+    denoiser,
+    z: Tensor,
+    sigma_max: float = SIGMA_MAX,
+    class_labels: Tensor | None = None,
+    *,
+    clamp: bool = True,
+) -> Tensor:
+    """One-step consistency sampling: x_T = sigma_max * z; sample = f(x_T, sigma_max)."""
+    return sample_multistep(
+        denoiser, z, [sigma_max], None, class_labels, sigma_max=sigma_max, clamp=clamp
+    )
