@@ -27,4 +27,13 @@ TORCH_LIBRARY(cmkernels, m) {
   m.def(
       "attention_bhtd_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // One EDM Heun step's elementwise stages; t, t_next [B] per sample. Stage 1 returns (x1, d):
+  // d = (x - denoised) / t, x1 = x + (t_next - t) d. Stage 2 returns
+  // x_next = x + (t_next - t) (d + (x1 - denoised1) / t_next) / 2.
+  m.def("heun_step1(Tensor x, Tensor denoised, Tensor t, Tensor t_next) -> (Tensor, Tensor)");
+  m.def(
+      "heun_step2(Tensor x, Tensor d, Tensor x1, Tensor denoised1, Tensor t, Tensor t_next) "
+      "-> Tensor");
+  // In-place EMA at K rates: emas[k * P + i] <- rates[k] emas[k * P + i] + (1 - rates[k]) params[i].
+  m.def("ema_update_(Tensor[] params, Tensor(a!)[] emas, float[] rates) -> ()");
 }

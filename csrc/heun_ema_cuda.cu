@@ -1,0 +1,417 @@
+// CUDA kernels of heun_step1 / heun_step2 (the EDM Heun step's elementwise stages) and of
+// ema_update_ (multi-rate EMA of a whole model in one launch). The math and the argument rules
+// are those of heun_ema_cpu.cpp; the checks themselves are shared (heun_ema.h).
+//
+// Heun: a 2-d grid, y = sample (its constants 1/t, h, ... computed once, in double), x = a
+// grid-stride loop over that sample's run with 16-byte loads where every pointer is aligned and
+// the sample length is a multiple of the vector width; scalar loads otherwise.
+//
+// EMA: multi-tensor apply with the tensor table in device memory. The parameters are cut into
+// chunks of kEmaChunk elements; a chunk table (tensor, chunk) and a tensor table (parameter
+// pointer, numel, dtype, copies' pointers) are uploaded once and cached, and one grid-strided
+// launch walks all chunks, however many tensors there are. A call with the same tensors (every
+// training step) reuses the cached table: no copy, one launch, and it stays valid inside CUDA
+// graphs (tables used during a capture are kept alive for the graph's replays).
+//
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS / cuSPARSE / cuSOLVER / cuDSS
+// headers that a bare nvcc toolkit (this project's CI) lacks. c10::cuda::getCurrentCUDAStream is
+// the function at::cuda::getCurrentCUDAStream names.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include "heun_ema.h"
+
+namespace cmkernels {
+namespace {
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T>
+bool aligned_to(const void* p, int vec) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * vec) == 0;
+}
+
+int sm_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Heun step.
+
+__device__ __forceinline__ double load_t(const void* t, bool t_double, int64_t b) {
+  return t_double ? static_cast<const double*>(t)[b] : double(static_cast<const float*>(t)[b]);
+}
+
+// Stage 1: d = (x - D) / t, x1 = x + h d.
+template <int VEC, typename x_t, typename d_t, typename acc_t>
+__global__ void heun_step1_kernel(const x_t* __restrict__ x,   // [B, S] flat
+                                  const d_t* __restrict__ D,   // [B, S] network output
+                                  x_t* __restrict__ x1,        // [B, S] out: Euler predictor
+                                  x_t* __restrict__ d,         // [B, S] out: slope at t
+                                  const void* t,               // [B] fp32 / fp64
+                                  const void* t_next,          // [B]
+                                  bool t_double,               // t, t_next are fp64
+                                  int64_t B,                   // samples
+                                  int64_t S) {                 // elements per sample
+  const int64_t nvec = S / VEC, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const double tb = load_t(t, t_double, b), tn = load_t(t_next, t_double, b);
+    const acc_t inv_t = acc_t(1.0 / tb), h = acc_t(tn - tb);
+    const int64_t base = b * S;
+    for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < nvec; v += stride) {
+      const int64_t i = base + v * VEC;
+      const auto xv = *reinterpret_cast<const Pack<x_t, VEC>*>(x + i);
+      const auto Dv = *reinterpret_cast<const Pack<d_t, VEC>*>(D + i);
+      Pack<x_t, VEC> o1, od;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t xa = acc_t(xv.v[j]);
+        const acc_t dv = (xa - acc_t(Dv.v[j])) * inv_t;
+        od.v[j] = x_t(dv);
+        o1.v[j] = x_t(xa + h * dv);
+      }
+      *reinterpret_cast<Pack<x_t, VEC>*>(x1 + i) = o1;
+      *reinterpret_cast<Pack<x_t, VEC>*>(d + i) = od;
+    }
+  }
+}
+
+// Stage 2: x' = x + a d + b (x1 - D1), a = h / 2, b = h / (2 t').
+template <int VEC, typename x_t, typename d_t, typename acc_t>
+__global__ void heun_step2_kernel(const x_t* __restrict__ x,    // [B, S] state at t
+                                  const x_t* __restrict__ d,    // [B, S] slope at t (stage 1)
+                                  const x_t* __restrict__ x1,   // [B, S] Euler predictor
+                                  const d_t* __restrict__ D1,   // [B, S] network output at x1
+                                  x_t* __restrict__ out,        // [B, S] out: state at t'
+                                  const void* t,                // [B]
+                                  const void* t_next,           // [B]
+                                  bool t_double,
+                                  int64_t B,
+                                  int64_t S) {
+  const int64_t nvec = S / VEC, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const double tb = load_t(t, t_double, b), tn = load_t(t_next, t_double, b);
+    const acc_t ca = acc_t(0.5 * (tn - tb)), cb = acc_t(0.5 * (tn - tb) / tn);
+    const int64_t base = b * S;
+    for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < nvec; v += stride) {
+      const int64_t i = base + v * VEC;
+      const auto xv = *reinterpret_cast<const Pack<x_t, VEC>*>(x + i);
+      const auto dv = *reinterpret_cast<const Pack<x_t, VEC>*>(d + i);
+      const auto x1v = *reinterpret_cast<const Pack<x_t, VEC>*>(x1 + i);
+      const auto Dv = *reinterpret_cast<const Pack<d_t, VEC>*>(D1 + i);
+      Pack<x_t, VEC> o;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        o.v[j] = x_t(acc_t(xv.v[j]) + ca * acc_t(dv.v[j]) + cb * (acc_t(x1v.v[j]) - acc_t(Dv.v[j])));
+      *reinterpret_cast<Pack<x_t, VEC>*>(out + i) = o;
+    }
+  }
+}
+
+constexpr int kHeunThreads = 256;
+
+// (grid, VEC use) for B samples of S elements: enough blocks to fill the GPU, the rest by strides.
+dim3 heun_grid(int64_t B, int64_t S, int vec) {
+  const int64_t gy = std::min<int64_t>(B, 65535);
+  const int64_t want = std::max<int64_t>(1, (int64_t(sm_count()) * 2048 / kHeunThreads) / gy);
+  const int64_t need = (S / vec + kHeunThreads - 1) / kHeunThreads;
+  return dim3(unsigned(std::max<int64_t>(1, std::min(want, need))), unsigned(gy));
+}
+
+std::tuple<at::Tensor, at::Tensor> heun_step1_cuda(const at::Tensor& x_in, const at::Tensor& denoised,
+                                                   const at::Tensor& t_in, const at::Tensor& tn_in) {
+  heun_check("heun_step1", x_in, {}, denoised, t_in, tn_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto fmt = heun_layout(x_in);
+  const at::Tensor x = x_in.contiguous(fmt), D = denoised.contiguous(fmt);
+  const at::Tensor t = t_in.contiguous(), tn = tn_in.contiguous();
+  at::Tensor x1 = at::empty_like(x, fmt), d = at::empty_like(x, fmt);
+  const int64_t B = x.size(0), S = B ? x.numel() / B : 0;
+  if (x.numel() == 0) return {x1, d};
+  const bool t_double = t.scalar_type() == at::kDouble;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  visit_float_dtype(x.scalar_type(), "heun_step1", [&](auto xt) {
+    using x_t = typename decltype(xt)::type;
+    visit_float_dtype(D.scalar_type(), "heun_step1", [&](auto dt) {
+      using d_t = typename decltype(dt)::type;
+      if constexpr (heun_dtype_pair_ok<x_t, d_t>) {
+        using acc_t = std::conditional_t<std::is_same_v<x_t, double>, double, float>;
+        constexpr int VEC = 16 / sizeof(x_t);
+        const x_t* xp = x.const_data_ptr<x_t>();
+        const d_t* Dp = D.const_data_ptr<d_t>();
+        x_t* x1p = x1.mutable_data_ptr<x_t>();
+        x_t* dp = d.mutable_data_ptr<x_t>();
+        const bool vec = S % VEC == 0 && aligned_to<x_t>(xp, VEC) && aligned_to<d_t>(Dp, VEC) &&
+                         aligned_to<x_t>(x1p, VEC) && aligned_to<x_t>(dp, VEC);
+        const dim3 grid = heun_grid(B, S, vec ? VEC : 1);
+        if (vec) {
+          heun_step1_kernel<VEC, x_t, d_t, acc_t><<<grid, kHeunThreads, 0, stream>>>(
+              xp, Dp, x1p, dp, t.const_data_ptr(), tn.const_data_ptr(), t_double, B, S);
+        } else {
+          heun_step1_kernel<1, x_t, d_t, acc_t><<<grid, kHeunThreads, 0, stream>>>(
+              xp, Dp, x1p, dp, t.const_data_ptr(), tn.const_data_ptr(), t_double, B, S);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return {x1, d};
+}
+
+at::Tensor heun_step2_cuda(const at::Tensor& x_in, const at::Tensor& d_in, const at::Tensor& x1_in,
+                           const at::Tensor& denoised1, const at::Tensor& t_in,
+                           const at::Tensor& tn_in) {
+  heun_check("heun_step2", x_in, {d_in, x1_in}, denoised1, t_in, tn_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto fmt = heun_layout(x_in);
+  const at::Tensor x = x_in.contiguous(fmt), d = d_in.contiguous(fmt), x1 = x1_in.contiguous(fmt),
+                   D1 = denoised1.contiguous(fmt);
+  const at::Tensor t = t_in.contiguous(), tn = tn_in.contiguous();
+  at::Tensor out = at::empty_like(x, fmt);
+  const int64_t B = x.size(0), S = B ? x.numel() / B : 0;
+  if (x.numel() == 0) return out;
+  const bool t_double = t.scalar_type() == at::kDouble;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  visit_float_dtype(x.scalar_type(), "heun_step2", [&](auto xt) {
+    using x_t = typename decltype(xt)::type;
+    visit_float_dtype(D1.scalar_type(), "heun_step2", [&](auto dt) {
+      using d_t = typename decltype(dt)::type;
+      if constexpr (heun_dtype_pair_ok<x_t, d_t>) {
+        using acc_t = std::conditional_t<std::is_same_v<x_t, double>, double, float>;
+        constexpr int VEC = 16 / sizeof(x_t);
+        const x_t* xp = x.const_data_ptr<x_t>();
+        const x_t* dp = d.const_data_ptr<x_t>();
+        const x_t* x1p = x1.const_data_ptr<x_t>();
+        const d_t* D1p = D1.const_data_ptr<d_t>();
+        x_t* op = out.mutable_data_ptr<x_t>();
+        const bool vec = S % VEC == 0 && aligned_to<x_t>(xp, VEC) && aligned_to<x_t>(dp, VEC) &&
+                         aligned_to<x_t>(x1p, VEC) && aligned_to<d_t>(D1p, VEC) &&
+                         aligned_to<x_t>(op, VEC);
+        const dim3 grid = heun_grid(B, S, vec ? VEC : 1);
+        if (vec) {
+          heun_step2_kernel<VEC, x_t, d_t, acc_t><<<grid, kHeunThreads, 0, stream>>>(
+              xp, dp, x1p, D1p, op, t.const_data_ptr(), tn.const_data_ptr(), t_double, B, S);
+        } else {
+          heun_step2_kernel<1, x_t, d_t, acc_t><<<grid, kHeunThreads, 0, stream>>>(
+              xp, dp, x1p, D1p, op, t.const_data_ptr(), tn.const_data_ptr(), t_double, B, S);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// EMA: multi-tensor apply.
+
+constexpr int64_t kEmaChunk = 16384;  // elements of one tensor a block owns at a time
+constexpr int kEmaThreads = 512;
+constexpr int kEmaVec = 4;            // float4 for the copies (16-byte accesses)
+
+enum EmaDtype : int32_t { kEmaF32 = 0, kEmaBF16 = 1, kEmaF16 = 2 };
+
+struct EmaTensor {
+  const void* param;  // parameter i, flat (fp32 / bf16 / fp16, see dtype)
+  int64_t numel;
+  int32_t dtype;      // EmaDtype
+  int32_t vec_ok;     // param and all copies aligned for kEmaVec-wide accesses
+};
+
+struct EmaChunk {
+  int32_t tensor;  // index into the tensor table
+  int32_t chunk;   // elements [chunk * kEmaChunk, ...) of that tensor
+};
+
+// Kernel arguments: the tables live in device memory; only the rates travel by value.
+struct EmaArgs {
+  const EmaTensor* tensors;  // [P]
+  float* const* emas;        // [K * P], rate-major: copy k of tensor i at k * P + i
+  const EmaChunk* chunks;    // [num_chunks]
+  int64_t num_chunks;
+  int32_t P, K;
+  float rate[kMaxEmaRates];  // r_k
+  float mix[kMaxEmaRates];   // 1 - r_k
+};
+
+template <typename p_t>
+__device__ __forceinline__ void ema_chunk(const EmaArgs& a, const p_t* p, float* const* e,
+                                          int64_t n, bool vec) {
+  int64_t done = 0;
+  if (vec) {
+    const int64_t nvec = n / kEmaVec;
+    for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+      const auto pv = reinterpret_cast<const Pack<p_t, kEmaVec>*>(p)[v];
+      float pf[kEmaVec];
+#pragma unroll
+      for (int j = 0; j < kEmaVec; ++j) pf[j] = float(pv.v[j]);
+#pragma unroll
+      for (int k = 0; k < kMaxEmaRates; ++k) {
+        if (k >= a.K) break;
+        auto* ek = reinterpret_cast<float4*>(e[k]) + v;
+        float4 ev = *ek;
+        ev.x = a.rate[k] * ev.x + a.mix[k] * pf[0];
+        ev.y = a.rate[k] * ev.y + a.mix[k] * pf[1];
+        ev.z = a.rate[k] * ev.z + a.mix[k] * pf[2];
+        ev.w = a.rate[k] * ev.w + a.mix[k] * pf[3];
+        *ek = ev;
+      }
+    }
+    done = nvec * kEmaVec;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
+    const float pf = float(p[i]);
+#pragma unroll
+    for (int k = 0; k < kMaxEmaRates; ++k) {
+      if (k >= a.K) break;
+      e[k][i] = a.rate[k] * e[k][i] + a.mix[k] * pf;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kEmaThreads) ema_update_kernel(const EmaArgs a) {
+  for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
+    const EmaChunk ch = a.chunks[c];
+    const EmaTensor t = a.tensors[ch.tensor];
+    const int64_t begin = int64_t(ch.chunk) * kEmaChunk;
+    const int64_t left = t.numel - begin, n = left < kEmaChunk ? left : kEmaChunk;
+    float* e[kMaxEmaRates];
+#pragma unroll
+    for (int k = 0; k < kMaxEmaRates; ++k)
+      e[k] = k < a.K ? a.emas[int64_t(k) * a.P + ch.tensor] + begin : nullptr;
+    switch (t.dtype) {
+      case kEmaF32: ema_chunk(a, static_cast<const float*>(t.param) + begin, e, n, t.vec_ok); break;
+      case kEmaBF16:
+        ema_chunk(a, static_cast<const at::BFloat16*>(t.param) + begin, e, n, t.vec_ok);
+        break;
+      default: ema_chunk(a, static_cast<const at::Half*>(t.param) + begin, e, n, t.vec_ok); break;
+    }
+  }
+}
+
+// The tables of one call, as one byte blob: [EmaTensor x P][float* x K*P][EmaChunk x chunks].
+struct EmaTables {
+  std::vector<uint8_t> blob;
+  int64_t emas_offset = 0, chunks_offset = 0, num_chunks = 0;
+};
+
+EmaTables ema_tables(const EmaProblem& p, at::TensorList emas) {
+  std::vector<EmaTensor> tensors(p.P);
+  std::vector<float*> ptrs(p.K * p.P);
+  std::vector<EmaChunk> chunks;
+  for (int64_t i = 0; i < p.P; ++i) {
+    const at::Tensor& param = p.params[i];
+    const auto st = param.scalar_type();
+    const int32_t dtype = st == at::kFloat ? kEmaF32 : st == at::kBFloat16 ? kEmaBF16 : kEmaF16;
+    bool vec_ok = reinterpret_cast<uintptr_t>(param.const_data_ptr()) %
+                      (param.element_size() * kEmaVec) == 0;
+    for (int64_t k = 0; k < p.K; ++k) {
+      ptrs[k * p.P + i] = emas[k * p.P + i].mutable_data_ptr<float>();
+      vec_ok = vec_ok && aligned_to<float>(ptrs[k * p.P + i], kEmaVec);
+    }
+    const int64_t n = param.numel();
+    tensors[i] = {param.const_data_ptr(), n, dtype, vec_ok ? 1 : 0};
+    TORCH_CHECK(i <= INT32_MAX && (n + kEmaChunk - 1) / kEmaChunk <= INT32_MAX,
+                "ema_update_: too many tensors or elements for the chunk table");
+    for (int64_t c = 0; c * kEmaChunk < n; ++c)
+      chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+  }
+  EmaTables out;
+  const size_t tb = tensors.size() * sizeof(EmaTensor), pb = ptrs.size() * sizeof(float*),
+               cb = chunks.size() * sizeof(EmaChunk);
+  out.blob.resize(tb + pb + cb);
+  std::memcpy(out.blob.data(), tensors.data(), tb);
+  std::memcpy(out.blob.data() + tb, ptrs.data(), pb);
+  if (cb) std::memcpy(out.blob.data() + tb + pb, chunks.data(), cb);
+  out.emas_offset = static_cast<int64_t>(tb);
+  out.chunks_offset = static_cast<int64_t>(tb + pb);
+  out.num_chunks = static_cast<int64_t>(chunks.size());
+  return out;
+}
+
+// The last tables uploaded per device. A hit (same bytes, same stream) skips the upload. Tables
+// read by a captured CUDA graph are never freed: the graph's replays read them.
+// A graph that captured the upload itself replays the copy from the pinned host buffer, so that
+// is kept too.
+struct EmaTableCache {
+  std::vector<uint8_t> blob;
+  at::Tensor host_blob, device_blob;
+  cudaStream_t stream = nullptr;
+  bool captured = false;
+};
+std::mutex ema_cache_mutex;
+std::map<c10::DeviceIndex, EmaTableCache> ema_cache;
+std::vector<at::Tensor> ema_captured_tables;
+
+// Returns the device copy of the tables (a reference that keeps it alive through the launch).
+at::Tensor ema_device_tables(const EmaTables& tables, const at::Device& device,
+                             cudaStream_t stream) {
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  std::lock_guard<std::mutex> lock(ema_cache_mutex);
+  EmaTableCache& entry = ema_cache[device.index()];
+  if (!(entry.device_blob.defined() && entry.stream == stream && entry.blob == tables.blob)) {
+    if (entry.captured) {
+      ema_captured_tables.push_back(entry.host_blob);
+      ema_captured_tables.push_back(entry.device_blob);
+    }
+    const int64_t n = static_cast<int64_t>(tables.blob.size());
+    entry.host_blob = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(entry.host_blob.mutable_data_ptr<uint8_t>(), tables.blob.data(), n);
+    entry.device_blob = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+    entry.device_blob.copy_(entry.host_blob, /*non_blocking=*/true);
+    entry.blob = tables.blob;
+    entry.stream = stream;
+    entry.captured = false;
+  }
+  entry.captured = entry.captured || capturing;
+  return entry.device_blob;
+}
+
+void ema_update_cuda(at::TensorList params, at::TensorList emas, at::ArrayRef<double> rates) {
+  const EmaProblem p = ema_check(params, emas, rates);
+  if (p.P == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const EmaTables tables = ema_tables(p, emas);
+  if (tables.num_chunks == 0) return;  // only empty tensors
+  const at::Tensor dev_tables = ema_device_tables(tables, params[0].device(), stream.stream());
+  const uint8_t* dev = dev_tables.const_data_ptr<uint8_t>();
+  EmaArgs a{};
+  a.tensors = reinterpret_cast<const EmaTensor*>(dev);
+  a.emas = reinterpret_cast<float* const*>(dev + tables.emas_offset);
+  a.chunks = reinterpret_cast<const EmaChunk*>(dev + tables.chunks_offset);
+  a.num_chunks = tables.num_chunks;
+  a.P = static_cast<int32_t>(p.P);
+  a.K = static_cast<int32_t>(p.K);
+  for (int64_t k = 0; k < p.K; ++k) {
+    a.rate[k] = p.rate[k];
+    a.mix[k] = p.mix[k];
+  }
+  const int64_t blocks = std::min<int64_t>(tables.num_chunks, int64_t(sm_count()) * (2048 / kEmaThreads));
+  ema_update_kernel<<<unsigned(blocks), kEmaThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cmkernels, CUDA, m) {
+  m.impl("heun_step1", &heun_step1_cuda);
+  m.impl("heun_step2", &heun_step2_cuda);
+  m.impl("ema_update_", &ema_update_cuda);
+}
+
+}  // namespace cmkernels

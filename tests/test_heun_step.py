@@ -1,0 +1,371 @@
+"""heun_step1 / heun_step2: the C++ CPU kernels, the no-extension fallback and (on a GPU) the CUDA
+kernels against the float64 reference, forward and every gradient.
+
+Non-contiguous inputs: x's layout is kept when it is contiguous, channels_last or
+channels_last_3d; any other strides are copied to contiguous (tested with a strided view), and
+inputs in a different layout than x are copied to x's (tested by mixing layouts)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tolerance import assert_close_rule, rel_err
+from conftest import requires_cuda
+
+from cmkernels.ops import heun_step1, heun_step1_ref, heun_step2, heun_step2_ref
+from cmkernels.ops._registry import schema_of
+from cmkernels.ops.heun_step import SCHEMA1, SCHEMA2, _step1_fallback, _step2_fallback
+
+OP1 = torch.ops.cmkernels.heun_step1.default
+OP2 = torch.ops.cmkernels.heun_step2.default
+IMPLS = {"kernel": (OP1, OP2), "fallback": (_step1_fallback, _step2_fallback)}
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
+
+# Odd sizes: per-sample lengths that are no multiple of any vector width, a single sample, a
+# flat [B] state, a 5-d tensor.
+SHAPES = [(3, 5, 7, 9), (1, 3, 17, 5), (4, 3, 8, 8), (7,), (2, 3, 3, 4, 5)]
+
+
+def _schedule(B, t_dtype=torch.float32, device="cpu"):
+    """Per-sample noise levels t in [0.5, 80] and t_next in (0.3 t, 0.9 t)."""
+    t = 0.5 + 79.5 * torch.rand(B, dtype=torch.float64)
+    tn = t * (0.3 + 0.6 * torch.rand(B, dtype=torch.float64))
+    return t.to(device, t_dtype), tn.to(device, t_dtype)
+
+
+def _layout(v, layout):
+    if layout == "channels_last" and v.dim() in (4, 5):
+        fmt = torch.channels_last if v.dim() == 4 else torch.channels_last_3d
+        return v.contiguous(memory_format=fmt)
+    if layout == "strided":
+        return torch.stack([v, v], dim=-1)[..., 0]  # a non-contiguous view with the same values
+    return v
+
+
+def _inputs(shape, dtype, d_dtype, t_dtype=torch.float32, layout="contiguous", device="cpu"):
+    B = shape[0]
+    t, tn = _schedule(B, t_dtype, device)
+    sig = t.double().reshape((B,) + (1,) * (len(shape) - 1)).cpu()
+    x = torch.randn(shape, dtype=torch.float64) * sig  # the state at noise level t
+    D = torch.randn(shape, dtype=torch.float64)  # a network output: the clean image estimate
+    D1 = D + 0.1 * torch.randn(shape, dtype=torch.float64)
+    x, D, D1 = (_layout(v.to(device), layout) for v in (x, D, D1))
+    return x.to(dtype), D.to(d_dtype), D1.to(d_dtype), t, tn
+
+
+def _eager1(x, D, t, tn):
+    """Plain PyTorch in the tensors' own dtypes (what the tolerance rule compares with)."""
+    bc = (-1,) + (1,) * (x.dim() - 1)
+    d = (x - D) / t.to(x.dtype).reshape(bc)
+    return (x + (tn - t).to(x.dtype).reshape(bc) * d).to(x.dtype), d.to(x.dtype)
+
+
+def _eager2(x, d, x1, D1, t, tn):
+    bc = (-1,) + (1,) * (x.dim() - 1)
+    h, tnn = (tn - t).to(x.dtype).reshape(bc), tn.to(x.dtype).reshape(bc)
+    return (x + h * (d + (x1 - D1) / tnn) / 2).to(x.dtype)
+
+
+def _f64(*ts):
+    return [v.double() for v in ts]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize(
+    "dtype, d_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),  # fp32 sampler state, bf16 network output
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=lambda d: str(d).split(".")[-1],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64(impl, dtype, d_dtype, layout, shape):
+    step1, step2 = IMPLS[impl]
+    t_dtype = torch.float64 if shape[0] % 2 else torch.float32
+    x, D, D1, t, tn = _inputs(shape, dtype, d_dtype, t_dtype, layout)
+    x1, d = step1(x, D, t, tn)
+    ref_x1, ref_d = heun_step1_ref(*_f64(x, D, t, tn))
+    eager_x1, eager_d = _eager1(x, D, t, tn)
+    for out, ref, eager, name in ((x1, ref_x1, eager_x1, "x1"), (d, ref_d, eager_d, "d")):
+        assert out.dtype == dtype and out.shape == x.shape, name
+        assert_close_rule(out, ref, eager, ATOL[dtype] * ref.abs().max().item(), name)
+
+    out = step2(x, d, x1, D1, t, tn)
+    ref = heun_step2_ref(*_f64(x, d, x1, D1, t, tn))
+    eager = _eager2(x, d, x1, D1, t, tn)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_rule(out, ref, eager, ATOL[dtype] * ref.abs().max().item(), "x_next")
+
+    # Layout rule: channels_last(_3d) is kept, other strides give contiguous outputs.
+    for o in (x1, d, out):
+        if layout == "channels_last" and x.dim() in (4, 5):
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            assert o.is_contiguous(memory_format=fmt)
+        else:
+            assert o.is_contiguous()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_float64_is_exact(impl):
+    step1, step2 = IMPLS[impl]
+    x, D, D1, t, tn = _inputs((3, 4, 5, 6), torch.float64, torch.float64, torch.float64)
+    x1, d = step1(x, D, t, tn)
+    ref_x1, ref_d = heun_step1_ref(x, D, t, tn)
+    torch.testing.assert_close(x1, ref_x1, rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(d, ref_d, rtol=1e-14, atol=1e-12)
+    out = step2(x, d, x1, D1, t, tn)
+    torch.testing.assert_close(out, heun_step2_ref(x, d, x1, D1, t, tn), rtol=1e-14, atol=1e-12)
+
+
+def test_mixed_layouts_and_per_sample_t():
+    # Inputs in layouts other than x's are copied to x's; every sample uses its own t, t_next:
+    # the batch equals B single-sample calls.
+    x, D, D1, t, tn = _inputs((5, 3, 6, 7), torch.float32, torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    x1, d = heun_step1(x, D, t, tn)
+    out = heun_step2(x, d.contiguous(), x1, _layout(D1, "strided"), t, tn)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for b in range(5):
+        s = slice(b, b + 1)
+        x1_b, d_b = heun_step1(x[s], D[s], t[s], tn[s])
+        torch.testing.assert_close(x1_b, x1[s], rtol=0, atol=0)
+        torch.testing.assert_close(d_b, d[s], rtol=0, atol=0)
+        torch.testing.assert_close(
+            heun_step2(x[s], d_b, x1_b, D1[s], t[s], tn[s]), out[s], rtol=0, atol=0
+        )
+
+
+def test_empty_batch_and_empty_sample():
+    for shape in [(0, 3, 4, 4), (3, 0, 4)]:
+        x, D, D1, t, tn = _inputs(shape, torch.float32, torch.float32)
+        x1, d = heun_step1(x, D, t, tn)
+        assert x1.shape == d.shape == x.shape
+        assert heun_step2(x, d, x1, D1, t, tn).shape == x.shape
+
+
+def _ref_grads(fn, inputs, grads):
+    leaves = [v.detach().double().requires_grad_(True) for v in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.double() for g in grads])
+    return [v.grad for v in leaves]
+
+
+@pytest.mark.parametrize(
+    "dtype, d_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_gradients_match_float64(dtype, d_dtype):
+    x, D, D1, t, tn = _inputs((3, 2, 5, 7), dtype, d_dtype)
+    leaves = [v.clone().requires_grad_(True) for v in (x, D, t, tn)]
+    x1, d = heun_step1(*leaves)
+    g1, gd = torch.randn_like(x1), torch.randn_like(d)
+    torch.autograd.backward((x1, d), (g1, gd))
+    want = _ref_grads(heun_step1_ref, (x, D, t, tn), (g1, gd))
+    # Gradients come back in their input's dtype: bound the error by that dtype's rounding (the
+    # t gradients are per-sample sums; bf16 tensors feed them rounded values).
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+    for name, leaf, w in zip(["x", "denoised", "t", "t_next"], leaves, want):
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape, name
+        err = rel_err(leaf.grad, w)
+        assert err < tol[leaf.dtype if dtype == torch.float32 else dtype], f"grad {name}: {err:.3g}"
+
+    leaves = [v.detach().clone().requires_grad_(True) for v in (x, d, x1, D1, t, tn)]
+    out = heun_step2(*leaves)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want = _ref_grads(heun_step2_ref, (x, d, x1, D1, t, tn), (g,))
+    for name, leaf, w in zip(["x", "d", "x1", "denoised1", "t", "t_next"], leaves, want):
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape, name
+        err = rel_err(leaf.grad, w)
+        assert err < tol[leaf.dtype if dtype == torch.float32 else dtype], f"grad {name}: {err:.3g}"
+
+
+def test_gradcheck_float64():
+    x, D, D1, t, tn = _inputs((2, 3, 2, 2), torch.float64, torch.float64, torch.float64)
+    args1 = [v.requires_grad_(True) for v in (x, D, t, tn)]
+    assert torch.autograd.gradcheck(heun_step1, args1, eps=1e-6, atol=1e-7)
+    x1, d = (v.detach().requires_grad_(True) for v in heun_step1(x, D, t, tn))
+    args2 = [x, d, x1, D1.requires_grad_(True), t, tn]
+    assert torch.autograd.gradcheck(heun_step2, args2, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x, D, D1, t, tn = _inputs((2, 3, 4, 5), torch.float32, torch.bfloat16, layout=layout)
+    x1, d = heun_step1(x, D, t, tn)
+    for v in (x, D, D1, t, tn, x1, d):
+        v.requires_grad_(v.dtype == torch.float32)
+    torch.library.opcheck(OP1, (x, D, t, tn))
+    torch.library.opcheck(OP2, (x, d, x1, D1, t, tn))
+
+
+def test_torch_compile_fullgraph():
+    # A whole Heun step around a toy denoiser, compiled as one graph.
+    x, _, _, t, tn = _inputs((2, 3, 8, 8), torch.float32, torch.float32)
+
+    def denoiser(x, sigma):
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    def step(x, t, tn):
+        x1, d = heun_step1(x, denoiser(x, t), t, tn)
+        return heun_step2(x, d, x1, denoiser(x1, tn), t, tn)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaf = x.clone().requires_grad_(True)
+    out = compiled(leaf, t, tn)
+    out.sum().backward()
+    torch.testing.assert_close(out, step(x, t, tn))
+    ref = x.clone().requires_grad_(True)
+    step(ref, t, tn).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_schemas_declared_once_and_match_python():
+    assert schema_of("heun_step1") == "cmkernels::heun_step1" + SCHEMA1
+    assert schema_of("heun_step2") == "cmkernels::heun_step2" + SCHEMA2
+
+
+def test_fallback_without_extension():
+    # A fresh interpreter in which cmkernels._C cannot be imported: the ops are declared from
+    # Python and served by the references.
+    code = """
+import sys, warnings
+sys.modules["cmkernels._C"] = None
+with warnings.catch_warnings(record=True):
+    import cmkernels
+import torch
+from cmkernels.ops import heun_step1, heun_step2, heun_step1_ref, heun_step2_ref
+assert not cmkernels.HAS_EXTENSION
+x = torch.randn(2, 3, 4, 4); D = torch.randn_like(x); t = torch.tensor([2.0, 3.0]); tn = t / 2
+x1, d = heun_step1(x, D, t, tn)
+r1, rd = heun_step1_ref(x, D, t, tn)
+assert torch.equal(x1, r1) and torch.equal(d, rd)
+assert torch.equal(heun_step2(x, d, x1, D, t, tn), heun_step2_ref(x, d, x1, D, t, tn))
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# (mutation, error, message, whether stage 1 takes the mutated argument too)
+BAD_INPUTS = [
+    (lambda a: a.update(x=a["x"].long()), TypeError, "x must be float32", True),
+    (lambda a: a.update(x=a["x"][0, 0, 0, 0]), ValueError, r"shape \[B, \.\.\.\]", True),
+    (lambda a: a.update(D=a["D"][:, :2]), ValueError, "denoised has shape", True),
+    (lambda a: a.update(D=a["D"].double()), TypeError, "denoised must be float32", True),
+    (lambda a: a.update(d=a["d"].half()), TypeError, "d has dtype", False),
+    (lambda a: a.update(x1=a["x1"][:1]), ValueError, "x1 has shape", False),
+    (lambda a: a.update(t=a["t"][:1]), ValueError, r"t must have shape \[B\]", True),
+    (
+        lambda a: a.update(tn=a["tn"].reshape(2, 1)),
+        ValueError,
+        r"t_next must have shape \[B\]",
+        True,
+    ),
+    (lambda a: a.update(t=a["t"].half()), TypeError, "t must be float32 or float64", True),
+    (lambda a: a.update(t=a["t"].double()), TypeError, "the same dtype", True),
+    (lambda a: a.update(D=a["D"].to("meta")), ValueError, "is on meta", True),
+]
+
+
+@pytest.mark.parametrize("mutate, error, match, in_stage1", BAD_INPUTS)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_bad_input_raises_clear_error(mutate, error, match, in_stage1, impl):
+    step1, step2 = IMPLS[impl]
+    x, D, D1, t, tn = _inputs((2, 3, 4, 4), torch.float32, torch.float32)
+    a = dict(x=x, D=D, t=t, tn=tn, d=x.clone(), x1=x.clone())
+    mutate(a)
+    # The C++ kernels report through TORCH_CHECK (a RuntimeError carrying the same text).
+    with pytest.raises((error, RuntimeError), match=match):
+        step2(a["x"], a["d"], a["x1"], a["D"], a["t"], a["tn"])
+    if in_stage1:
+        with pytest.raises((error, RuntimeError), match=match):
+            step1(a["x"], a["D"], a["t"], a["tn"])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU.
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "dtype, d_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+    ids=lambda d: str(d).split(".")[-1],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "misaligned"])
+@pytest.mark.parametrize("shape", [(64, 3, 64, 64), (3, 5, 7, 9), (1, 3, 256, 256), (70000, 3)])
+def test_cuda_kernel_matches_float64(dtype, d_dtype, layout, shape):
+    if layout == "misaligned":  # storage offset 1: the scalar (non-vector) path
+        x, D, D1, t, tn = _inputs(shape, dtype, d_dtype, device="cuda")
+        x, D, D1 = (
+            torch.cat([v.flatten(), v.flatten()])[1 : 1 + v.numel()].view(v.shape)
+            for v in (x, D, D1)
+        )
+    else:
+        x, D, D1, t, tn = _inputs(shape, dtype, d_dtype, layout=layout, device="cuda")
+    x1, d = heun_step1(x, D, t, tn)
+    ref_x1, ref_d = heun_step1_ref(*_f64(x, D, t, tn))
+    eager_x1, eager_d = _eager1(x, D, t, tn)
+    assert_close_rule(x1, ref_x1, eager_x1, ATOL[dtype] * ref_x1.abs().max().item(), "x1")
+    assert_close_rule(d, ref_d, eager_d, ATOL[dtype] * ref_d.abs().max().item(), "d")
+    out = heun_step2(x, d, x1, D1, t, tn)
+    ref = heun_step2_ref(*_f64(x, d, x1, D1, t, tn))
+    assert_close_rule(out, ref, _eager2(x, d, x1, D1, t, tn), ATOL[dtype] * ref.abs().max().item())
+    # CPU and CUDA kernels agree.
+    cpu_x1, cpu_d = heun_step1(*(v.cpu() for v in (x, D, t, tn)))
+    torch.testing.assert_close(
+        x1.cpu(), cpu_x1, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-5
+    )
+
+
+@requires_cuda
+def test_cuda_gradients_opcheck_and_graph_capture():
+    x, D, D1, t, tn = _inputs((4, 3, 16, 16), torch.float32, torch.bfloat16, device="cuda")
+    leaves = [v.clone().requires_grad_(True) for v in (x, D, t, tn)]
+    x1, d = heun_step1(*leaves)
+    g1, gd = torch.randn_like(x1), torch.randn_like(d)
+    torch.autograd.backward((x1, d), (g1, gd))
+    want = _ref_grads(heun_step1_ref, (x, D, t, tn), (g1, gd))
+    for leaf, w in zip(leaves, want):
+        assert rel_err(leaf.grad, w) < 1e-5
+    torch.library.opcheck(OP1, (x, D, t, tn))
+    x1, d = heun_step1(x, D, t, tn)
+    torch.library.opcheck(OP2, (x, d, x1, D1, t, tn))
+
+    # One-step sampler shape: capture both stages in a CUDA graph and replay on new inputs.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        x1, d = heun_step1(x, D, t, tn)
+        heun_step2(x, d, x1, D1, t, tn)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x1_g, d_g = heun_step1(x, D, t, tn)
+        out_g = heun_step2(x, d_g, x1_g, D1, t, tn)
+    x.mul_(0.5)
+    t.add_(1.0)
+    graph.replay()
+    x1, d = heun_step1(x, D, t, tn)
+    torch.testing.assert_close(out_g, heun_step2(x, d, x1, D1, t, tn))
+    compiled = torch.compile(lambda *a: heun_step1(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(x, D, t, tn), heun_step1(x, D, t, tn))
