@@ -25,7 +25,9 @@ def karras_sigmas(
         raise ValueError(f"a Karras grid needs at least 2 points, got {n}")
     i = torch.arange(n, dtype=torch.float64, device=device)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + i / (n - 1) * (lo - hi)) ** rho
+    sigmas = (hi + i / (n - 1) * (lo - hi)) ** rho
+    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact endpoints (the power can be 1 ulp off)
+    return sigmas
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA):
