@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cmkernels import ops
+
 # Same defaults as cmkernels.diffusion (kept here so the samplers import without the network code).
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -146,13 +148,10 @@ def _progress(items: list, enabled: bool, desc: str):
 def heun_stage1(x: Tensor, denoised: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
     """Euler predictor: d = (x - D) / t;  x1 = x + (t_next - t) * d  -> (x1, d).
 
-    x, denoised [B, ...]; t, t_next [B] per-sample noise levels.
+    x, denoised [B, ...]; t, t_next [B] per-sample noise levels. One fused elementwise pass
+    (cmkernels.ops.heun_step1; its reference is ops.heun_step1_ref).
     """
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    t, t_next = t.reshape(shape), t_next.reshape(shape)  # (B, 1, ..., 1)
-    d = (x - denoised) / t
-    x1 = x + (t_next - t) * d
-    return x1, d
+    return ops.heun_step1(x, denoised, t, t_next)
 
 
 def heun_stage2(
@@ -160,12 +159,9 @@ def heun_stage2(
 ) -> Tensor:
     """Trapezoidal corrector: x_next = x + (t_next - t) * (d + (x1 - D1) / t_next) / 2.
 
-    x, d, x1, denoised1 [B, ...]; t, t_next [B] (t_next > 0).
+    x, d, x1, denoised1 [B, ...]; t, t_next [B] (t_next > 0). One fused pass (ops.heun_step2).
     """
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    t, t_next = t.reshape(shape), t_next.reshape(shape)  # (B, 1, ..., 1)
-    d1 = (x1 - denoised1) / t_next
-    return x + (t_next - t) * (d + d1) / 2
+    return ops.heun_step2(x, d, x1, denoised1, t, t_next)
 
 
 def _with_final_zero(sigmas) -> list[float]:
