@@ -247,7 +247,11 @@ struct EmaArgs {
   float mix[kMaxEmaRates];   // 1 - r_k
 };
 
-template <typename p_t>
+// One chunk of one tensor: the parameter is read once, then all K copies are loaded before any
+// is stored (the compiler cannot know the copies do not alias, so interleaving load and store
+// per copy would serialise K memory round trips). K is a template argument so the registers
+// scale with it (K = 3: ~40, enough for full occupancy).
+template <int K, typename p_t>
 __device__ __forceinline__ void ema_chunk(const EmaArgs& a, const p_t* p, float* const* e,
                                           int64_t n, bool vec) {
   int64_t done = 0;
@@ -255,51 +259,60 @@ __device__ __forceinline__ void ema_chunk(const EmaArgs& a, const p_t* p, float*
     const int64_t nvec = n / kEmaVec;
     for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
       const auto pv = reinterpret_cast<const Pack<p_t, kEmaVec>*>(p)[v];
-      float pf[kEmaVec];
+      float4 ev[K];
 #pragma unroll
-      for (int j = 0; j < kEmaVec; ++j) pf[j] = float(pv.v[j]);
+      for (int k = 0; k < K; ++k) ev[k] = reinterpret_cast<const float4*>(e[k])[v];
+      const float p0 = float(pv.v[0]), p1 = float(pv.v[1]), p2 = float(pv.v[2]),
+                  p3 = float(pv.v[3]);
 #pragma unroll
-      for (int k = 0; k < kMaxEmaRates; ++k) {
-        if (k >= a.K) break;
-        auto* ek = reinterpret_cast<float4*>(e[k]) + v;
-        float4 ev = *ek;
-        ev.x = a.rate[k] * ev.x + a.mix[k] * pf[0];
-        ev.y = a.rate[k] * ev.y + a.mix[k] * pf[1];
-        ev.z = a.rate[k] * ev.z + a.mix[k] * pf[2];
-        ev.w = a.rate[k] * ev.w + a.mix[k] * pf[3];
-        *ek = ev;
+      for (int k = 0; k < K; ++k) {
+        const float r = a.rate[k], c = a.mix[k];
+        ev[k].x = r * ev[k].x + c * p0;
+        ev[k].y = r * ev[k].y + c * p1;
+        ev[k].z = r * ev[k].z + c * p2;
+        ev[k].w = r * ev[k].w + c * p3;
+        reinterpret_cast<float4*>(e[k])[v] = ev[k];
       }
     }
     done = nvec * kEmaVec;
   }
   for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) {
     const float pf = float(p[i]);
+    float ev[K];
 #pragma unroll
-    for (int k = 0; k < kMaxEmaRates; ++k) {
-      if (k >= a.K) break;
-      e[k][i] = a.rate[k] * e[k][i] + a.mix[k] * pf;
-    }
+    for (int k = 0; k < K; ++k) ev[k] = e[k][i];
+#pragma unroll
+    for (int k = 0; k < K; ++k) e[k][i] = a.rate[k] * ev[k] + a.mix[k] * pf;
   }
 }
 
+template <int K>
 __global__ void __launch_bounds__(kEmaThreads) ema_update_kernel(const EmaArgs a) {
   for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
     const EmaChunk ch = a.chunks[c];
     const EmaTensor t = a.tensors[ch.tensor];
     const int64_t begin = int64_t(ch.chunk) * kEmaChunk;
     const int64_t left = t.numel - begin, n = left < kEmaChunk ? left : kEmaChunk;
-    float* e[kMaxEmaRates];
+    float* e[K];
 #pragma unroll
-    for (int k = 0; k < kMaxEmaRates; ++k)
-      e[k] = k < a.K ? a.emas[int64_t(k) * a.P + ch.tensor] + begin : nullptr;
+    for (int k = 0; k < K; ++k) e[k] = a.emas[int64_t(k) * a.P + ch.tensor] + begin;
     switch (t.dtype) {
-      case kEmaF32: ema_chunk(a, static_cast<const float*>(t.param) + begin, e, n, t.vec_ok); break;
-      case kEmaBF16:
-        ema_chunk(a, static_cast<const at::BFloat16*>(t.param) + begin, e, n, t.vec_ok);
+      case kEmaF32:
+        ema_chunk<K>(a, static_cast<const float*>(t.param) + begin, e, n, t.vec_ok);
         break;
-      default: ema_chunk(a, static_cast<const at::Half*>(t.param) + begin, e, n, t.vec_ok); break;
+      case kEmaBF16:
+        ema_chunk<K>(a, static_cast<const at::BFloat16*>(t.param) + begin, e, n, t.vec_ok);
+        break;
+      default:
+        ema_chunk<K>(a, static_cast<const at::Half*>(t.param) + begin, e, n, t.vec_ok);
+        break;
     }
   }
+}
+
+template <int K>
+void launch_ema(const EmaArgs& a, int64_t blocks, cudaStream_t stream) {
+  ema_update_kernel<K><<<unsigned(blocks), kEmaThreads, 0, stream>>>(a);
 }
 
 // The tables of one call, as one byte blob: [EmaTensor x P][float* x K*P][EmaChunk x chunks].
@@ -343,9 +356,8 @@ EmaTables ema_tables(const EmaProblem& p, at::TensorList emas) {
 }
 
 // The last tables uploaded per device. A hit (same bytes, same stream) skips the upload. Tables
-// read by a captured CUDA graph are never freed: the graph's replays read them.
-// A graph that captured the upload itself replays the copy from the pinned host buffer, so that
-// is kept too.
+// read by a captured CUDA graph are never freed: the graph's replays read them (and a graph that
+// captured the upload itself replays the copy from the pinned host buffer, so that is kept too).
 struct EmaTableCache {
   std::vector<uint8_t> blob;
   at::Tensor host_blob, device_blob;
@@ -401,8 +413,19 @@ void ema_update_cuda(at::TensorList params, at::TensorList emas, at::ArrayRef<do
     a.rate[k] = p.rate[k];
     a.mix[k] = p.mix[k];
   }
-  const int64_t blocks = std::min<int64_t>(tables.num_chunks, int64_t(sm_count()) * (2048 / kEmaThreads));
-  ema_update_kernel<<<unsigned(blocks), kEmaThreads, 0, stream>>>(a);
+  const int64_t blocks =
+      std::min<int64_t>(tables.num_chunks, int64_t(sm_count()) * (2048 / kEmaThreads));
+  static_assert(kMaxEmaRates == 8, "one launch_ema case per K");
+  switch (p.K) {
+    case 1: launch_ema<1>(a, blocks, stream); break;
+    case 2: launch_ema<2>(a, blocks, stream); break;
+    case 3: launch_ema<3>(a, blocks, stream); break;
+    case 4: launch_ema<4>(a, blocks, stream); break;
+    case 5: launch_ema<5>(a, blocks, stream); break;
+    case 6: launch_ema<6>(a, blocks, stream); break;
+    case 7: launch_ema<7>(a, blocks, stream); break;
+    default: launch_ema<8>(a, blocks, stream); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

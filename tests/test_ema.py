@@ -325,11 +325,9 @@ def _many_cuda_params():
     shapes = [(i % 13 + 1, 3) for i in range(200)] + [(97,), (1025,), (16384,), (16385,), (100003,)]
     shapes += [(64, 64, 3, 3)] * 20 + [(0,)]
     params = _params([torch.float32, torch.bfloat16, torch.float16], shapes, device="cuda")
-    base = torch.randn(5001, device="cuda")
-    params += [
-        base[1:4001],
-        base[3:1003].bfloat16(),
-    ]  # storage offsets that break 16-byte alignment
+    # Storage offsets that break 16-byte alignment (the scalar path): fp32 and bf16 views.
+    params.append(torch.randn(4001, device="cuda")[1:])
+    params.append(torch.randn(1003, device="cuda").bfloat16()[3:])
     return params
 
 
