@@ -95,7 +95,9 @@ def test_train_step(benchmark, case, mode, provider):
         opt.zero_grad(set_to_none=True)
         copies = ([[p.data for p in target.parameters()]] if target is not None else []) + emas
         with torch.no_grad():
-            ops.ema_update_([p.detach() for p in params], copies, [0.95] * (len(copies) - 1) + [0.9999])
+            ops.ema_update_(
+                [p.detach() for p in params], copies, [0.95] * (len(copies) - 1) + [0.9999]
+            )
 
     group = f"train-{mode}-{preset}-b{batch}"
     timed(benchmark, step, group=group, provider=provider, warmup=3 if compiled else 1,

@@ -32,7 +32,7 @@ def load(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: cannot read benchmark JSON {path}: {exc}")
+        raise SystemExit(f"error: cannot read benchmark JSON {path}: {exc}") from None
     if "benchmarks" not in data:
         raise SystemExit(f"error: {path} is not a pytest-benchmark JSON file (no 'benchmarks')")
     return data

@@ -53,7 +53,9 @@ def load_file(path: str | os.PathLike) -> dict:
         try:
             from safetensors.torch import load_file as load_st
         except ImportError as exc:
-            raise CheckpointError(f"{path}: reading .safetensors needs `pip install safetensors`") from exc
+            raise CheckpointError(
+                f"{path}: reading .safetensors needs `pip install safetensors`"
+            ) from exc
         return load_st(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -63,7 +65,9 @@ def load_file(path: str | os.PathLike) -> dict:
             "(corrupt, truncated, or not a weights-only torch file)"
         ) from exc
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint")
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a state_dict or checkpoint"
+        )
     return obj
 
 
@@ -93,6 +97,7 @@ def _load_strict(net: UNet, state: dict, source: str, preset: str | None):
     unexpected = [k for k in state if k not in ref]
     mismatched = [k for k in ref if k in state and tuple(ref[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or mismatched:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 

@@ -93,7 +93,9 @@ class Denoiser(nn.Module):
         if sigma.numel() != B:
             raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {B}")
         c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
-        F_x = self.net((c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels)
+        F_x = self.net(
+            (c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels
+        )
         return (c_skip * x.float() + c_out * F_x.float()).to(x.dtype)
 
     def extra_repr(self) -> str:

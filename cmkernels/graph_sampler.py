@@ -15,7 +15,7 @@ depend on the device.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -85,7 +85,6 @@ class GraphedConsistencySampler:
         )
 
     def _capture(self, key, z: Tensor, labels: Tensor | None):
-        B = z.shape[0]
         device = z.device
         static_z = torch.empty_like(z)
         static_noises = [torch.empty_like(z) for _ in self.sigmas[1:]]

@@ -9,8 +9,8 @@ f^- the target network (an EMA of f, or f itself under stop-grad for iCT).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -70,9 +70,7 @@ def ict_num_scales(step: int, total: int, s0: int = 10, s1: int = 1280) -> int:
     return min(s0 * 2 ** (step // k_prime), s1) + 1
 
 
-def ict_index_probs(
-    sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0
-) -> Tensor:
+def ict_index_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
     """Discretised lognormal over pairs (sigma_i, sigma_{i+1}) of a DESCENDING grid: [N - 1]."""
     log_s = sigmas.double().log()
     cdf = torch.erf((log_s - p_mean) / (math.sqrt(2) * p_std))
@@ -94,7 +92,9 @@ class EDMLoss:
     p_std: float = 1.2
     sigma_data: float = SIGMA_DATA
 
-    def draw(self, B: int, gen: torch.Generator, num_scales: int | None = None) -> dict[str, Tensor]:
+    def draw(
+        self, B: int, gen: torch.Generator, num_scales: int | None = None
+    ) -> dict[str, Tensor]:
         """Per-sample randomness of a (global) batch of B: the noise levels."""
         n = torch.randn(B, generator=gen)
         return {"sigma": (self.p_mean + self.p_std * n).exp()}

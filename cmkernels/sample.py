@@ -54,52 +54,105 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m cmkernels.sample",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a cmkernels checkpoint, or an official state_dict .pt (see --preset)")
-    p.add_argument("--preset", choices=("imagenet64", "lsun256"),
-                   help="architecture of an official .pt (default: the one whose layout matches)")
-    p.add_argument("--parameterization", choices=("cm", "edm"),
-                   help="override the denoiser parameterization (official edm_*.pt: edm)")
-    p.add_argument("--weights", default="ema",
-                   help="our format: 'ema' (the first EMA; default), 'model' or an EMA key "
-                        "such as 0.9999")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a cmkernels checkpoint, or an official state_dict .pt (see --preset)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("imagenet64", "lsun256"),
+        help="architecture of an official .pt (default: the one whose layout matches)",
+    )
+    p.add_argument(
+        "--parameterization",
+        choices=("cm", "edm"),
+        help="override the denoiser parameterization (official edm_*.pt: edm)",
+    )
+    p.add_argument(
+        "--weights",
+        default="ema",
+        help="our format: 'ema' (the first EMA; default), 'model' or an EMA key such as 0.9999",
+    )
     p.add_argument("--task", choices=TASKS, default="generate", help="default: generate")
     p.add_argument("--num-samples", type=int, default=16, metavar="N", help="default: 16")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="default: 16")
-    p.add_argument("--sampler", choices=SAMPLERS,
-                   help="generate only; default: onestep (multistep with --ts/--sigmas) for a "
-                        "consistency model, heun for an EDM model")
-    p.add_argument("--steps", type=int, metavar="N",
-                   help="points of the Karras grid: --ts indexes it (default 40); heun/euler "
-                        "steps (default 18)")
-    p.add_argument("--ts", type=_int_list, metavar="I,J,...",
-                   help="time points as indices into the --steps grid, e.g. 0,22,39")
-    p.add_argument("--sigmas", type=_float_list, metavar="S,...",
-                   help="explicit descending time points (noise levels), e.g. 80,0.8; "
-                        "default for inpaint/colorize/superres: every point of the --steps grid, "
-                        "for stroke: 5.38,2.24")
-    p.add_argument("--class-label", type=int, metavar="K",
-                   help="class of every sample (class-conditional models; default: random)")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="generate only; default: onestep (multistep with --ts/--sigmas) for a "
+        "consistency model, heun for an EDM model",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="points of the Karras grid: --ts indexes it (default 40); heun/euler "
+        "steps (default 18)",
+    )
+    p.add_argument(
+        "--ts",
+        type=_int_list,
+        metavar="I,J,...",
+        help="time points as indices into the --steps grid, e.g. 0,22,39",
+    )
+    p.add_argument(
+        "--sigmas",
+        type=_float_list,
+        metavar="S,...",
+        help="explicit descending time points (noise levels), e.g. 80,0.8; "
+        "default for inpaint/colorize/superres: every point of the --steps grid, "
+        "for stroke: 5.38,2.24",
+    )
+    p.add_argument(
+        "--class-label",
+        type=int,
+        metavar="K",
+        help="class of every sample (class-conditional models; default: random)",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--image", metavar="PATH", help="reference image of an editing task")
-    p.add_argument("--mask", metavar="PATH",
-                   help="inpaint: mask of the model's size, WHITE = region to generate")
+    p.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="inpaint: mask of the model's size, WHITE = region to generate",
+    )
     p.add_argument("--factor", type=int, default=4, help="superres: upscaling factor (default: 4)")
-    p.add_argument("--noise-sigma", type=float, metavar="S",
-                   help="denoise: noise level of --image (in units of the [-1, 1] range)")
-    p.add_argument("--add-noise", action="store_true",
-                   help="denoise: add the --noise-sigma noise first (to try it on a clean image)")
-    p.add_argument("--out", default="samples", metavar="DIR",
-                   help=f"output folder (default: samples); samples.png shows the first "
-                        f"{GRID_MAX} images")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="generate with onestep/multistep: replay the sampler from a CUDA graph "
-                        "captured once per batch size (same images, less launch overhead)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="network compute dtype (autocast; default fp32); the sampler state "
-                        "stays fp32")
+    p.add_argument(
+        "--noise-sigma",
+        type=float,
+        metavar="S",
+        help="denoise: noise level of --image (in units of the [-1, 1] range)",
+    )
+    p.add_argument(
+        "--add-noise",
+        action="store_true",
+        help="denoise: add the --noise-sigma noise first (to try it on a clean image)",
+    )
+    p.add_argument(
+        "--out",
+        default="samples",
+        metavar="DIR",
+        help=f"output folder (default: samples); samples.png shows the first {GRID_MAX} images",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="generate with onestep/multistep: replay the sampler from a CUDA graph "
+        "captured once per batch size (same images, less launch overhead)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda when available, else cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="network compute dtype (autocast; default fp32); the sampler state stays fp32",
+    )
     return p
 
 
@@ -140,9 +193,13 @@ def load_model(args: argparse.Namespace):
     from cmkernels.checkpoint import load_denoiser  # Imported here: it pulls in the UNet.
 
     try:
-        return load_denoiser(args.checkpoint, preset=args.preset,
-                             parameterization=args.parameterization, weights=args.weights,
-                             device=args.device)
+        return load_denoiser(
+            args.checkpoint,
+            preset=args.preset,
+            parameterization=args.parameterization,
+            weights=args.weights,
+            device=args.device,
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SystemExit(f"error: cannot load {args.checkpoint}: {e}") from None
 
@@ -172,7 +229,7 @@ def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: 
 @dataclass
 class Inputs:
     image: Tensor | None = None  # (1, C, S, S) reference (superres: (1, C, S/p, S/p))
-    mask: Tensor | None = None   # (1, 1, S, S), 1 = generate
+    mask: Tensor | None = None  # (1, 1, S, S), 1 = generate
 
 
 def load_inputs(parser, args, channels: int, size: int, device) -> Inputs:
@@ -245,8 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     sampler = None
     if args.task == "generate":
         sampler = args.sampler or (
-            "heun" if denoiser.parameterization == "edm"
-            else "multistep" if (args.ts or args.sigmas) else "onestep"
+            "heun"
+            if denoiser.parameterization == "edm"
+            else "multistep"
+            if (args.ts or args.sigmas)
+            else "onestep"
         )
     sigmas = time_points(parser, args, sampler, denoiser.sigma_min, denoiser.sigma_max)
     inputs = load_inputs(parser, args, channels, size, device)
@@ -255,13 +315,16 @@ def main(argv: list[str] | None = None) -> None:
         if device.type != "cuda":
             parser.error("--cuda-graph needs --device cuda")
         if sampler not in ("onestep", "multistep"):
-            parser.error("--cuda-graph applies to --task generate with the onestep/multistep sampler")
+            parser.error(
+                "--cuda-graph applies to --task generate with the onestep/multistep sampler"
+            )
         from cmkernels.graph_sampler import GraphedConsistencySampler
 
         taus = [denoiser.sigma_max] if sampler == "onestep" else samplers.consistency_time_points(
             sigmas, denoiser.sigma_min, denoiser.sigma_max)  # fmt: skip
         args.graphed = GraphedConsistencySampler(
-            denoiser, (channels, size, size), taus, denoiser.sigma_min)
+            denoiser, (channels, size, size), taus, denoiser.sigma_min
+        )
 
     autocast = contextlib.nullcontext()
     if args.dtype != "fp32":
@@ -271,8 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     for start in tqdm(starts, desc="batches", unit="batch"):
         indices = list(range(start, min(start + args.batch_size, args.num_samples)))
         # interpolate: all frames share the noise (and label) of --seed; else sample i: seed + i.
-        seeds = [args.seed] * len(indices) if args.task == "interpolate" else [
-            args.seed + i for i in indices]
+        seeds = (
+            [args.seed] * len(indices)
+            if args.task == "interpolate"
+            else [args.seed + i for i in indices]
+        )
         noise = samplers.PerSampleNoise(seeds, (channels, size, size), device)
         labels = None
         if num_classes is not None:

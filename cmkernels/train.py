@@ -67,7 +67,9 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm (0: off)
     # Consistency models.
     num_scales: int = 18  # CD: N points of the Karras grid
-    target_ema: float = 0.95  # CD: mu of the target network (paper: 0 on CIFAR-10, 0.95 on ImageNet)
+    target_ema: float = (
+        0.95  # CD: mu of the target network (paper: 0 on CIFAR-10, 0.95 on ImageNet)
+    )
     distance: str = "l2"  # l2 | l1 | pseudo_huber
     ct_s0: int = 2  # CT schedule N(k)
     ct_s1: int = 150
@@ -144,7 +146,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    """The generator of all per-sample draws of (step, micro-batch): a pure function of its inputs."""
+    """The generator of all per-sample draws of (step, micro-batch), a pure function of both."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + micro)
 
 
@@ -276,11 +278,13 @@ class Trainer:
 
     def _init_from(self, path: str):
         ckpt = load_file(path)
-        state = ckpt["emas"][next(iter(ckpt["emas"]))] if ckpt.get("emas") else ckpt.get("model", ckpt)
+        state = (
+            ckpt["emas"][next(iter(ckpt["emas"]))] if ckpt.get("emas") else ckpt.get("model", ckpt)
+        )
         try:
             self.model.net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise TrainingError(f"--init-from {path}: the weights do not fit this model: {exc}")
+            raise TrainingError(f"--init-from {path}: the weights do not fit this model: {exc}") from exc
 
     # -- schedules -------------------------------------------------------------------------------
 
@@ -503,7 +507,9 @@ class Trainer:
                 now = time.perf_counter()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{imgs / (now - t_last):.0f}")
+                    bar.set_postfix(
+                        loss=f"{stats['loss']:.4f}", img_s=f"{imgs / (now - t_last):.0f}"
+                    )
                 if main and (self.step % c.log_every == 0 or self.step == c.steps):
                     rec = dict(step=self.step, **stats, img_per_s=imgs / (now - t_last))
                     log.write(json.dumps(rec) + "\n")
@@ -557,7 +563,7 @@ def parse_args(argv=None) -> TrainConfig:
         default = f.default
         if name == "ema_rates":
             p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), default=None,
-                           help="comma-separated evaluation EMA rates (default 0.9999)")  # fmt: skip
+                           help="comma-separated EMA rates (default 0.9999)")  # fmt: skip
         elif isinstance(default, bool) or f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:

@@ -58,7 +58,9 @@ class UNetConfig:
         size = int(cfg["image_size"])
         mult = cfg.get("channel_mult", "")
         if not mult:
-            mult = {64: "1,2,3,4", 128: "1,1,2,3,4", 256: "1,1,2,2,4,4", 512: "0.5,1,1,2,2,4,4"}[size]
+            mult = {64: "1,2,3,4", 128: "1,1,2,3,4", 256: "1,1,2,2,4,4", 512: "0.5,1,1,2,2,4,4"}[
+                size
+            ]
         mult = tuple(int(m) for m in str(mult).split(","))
         attn = tuple(int(r) for r in str(cfg.get("attention_resolutions", "32,16,8")).split(","))
         values = dict(
@@ -84,24 +86,52 @@ PRESETS: dict[str, UNetConfig] = {
     # The official configurations (openai/consistency_models).
     "imagenet64": UNetConfig(),
     "lsun256": UNetConfig(
-        image_size=256, model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
-        use_scale_shift_norm=False, num_classes=None,
+        image_size=256,
+        model_channels=256,
+        num_res_blocks=2,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        use_scale_shift_norm=False,
+        num_classes=None,
     ),  # fmt: skip
     # Small networks that train on a CPU in minutes.
     "gray28": UNetConfig(
-        image_size=28, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
-        channel_mult=(1, 2, 2), attention_resolutions=(7,), num_heads=2, num_head_channels=-1,
-        num_classes=None, dropout=0.1,
+        image_size=28,
+        in_channels=1,
+        out_channels=1,
+        model_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(7,),
+        num_heads=2,
+        num_head_channels=-1,
+        num_classes=None,
+        dropout=0.1,
     ),  # fmt: skip
     "gray32": UNetConfig(
-        image_size=32, in_channels=1, out_channels=1, model_channels=32, num_res_blocks=1,
-        channel_mult=(1, 2, 2), attention_resolutions=(8,), num_heads=2, num_head_channels=-1,
-        num_classes=None, dropout=0.1,
+        image_size=32,
+        in_channels=1,
+        out_channels=1,
+        model_channels=32,
+        num_res_blocks=1,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(8,),
+        num_heads=2,
+        num_head_channels=-1,
+        num_classes=None,
+        dropout=0.1,
     ),  # fmt: skip
     "rgb32": UNetConfig(
-        image_size=32, in_channels=3, out_channels=3, model_channels=64, num_res_blocks=2,
-        channel_mult=(1, 2, 2), attention_resolutions=(16, 8), num_heads=4, num_head_channels=-1,
-        num_classes=None, dropout=0.1,
+        image_size=32,
+        in_channels=3,
+        out_channels=3,
+        model_channels=64,
+        num_res_blocks=2,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(16, 8),
+        num_heads=4,
+        num_head_channels=-1,
+        num_classes=None,
+        dropout=0.1,
     ),  # fmt: skip
 }
 
@@ -150,7 +180,9 @@ class ResBlock(nn.Module):
         out_ch = out_ch or ch
         self.ops, self.scale_shift, self.up, self.down = ops, scale_shift, up, down
         self.in_layers = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch if scale_shift else out_ch))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch if scale_shift else out_ch)
+        )
         self.out_layers = nn.Sequential(
             _norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         )
@@ -287,7 +319,9 @@ class UNet(nn.Module):
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
-        emb = self.time_embed(timestep_embedding(c_noise.reshape(-1).expand(x.shape[0]), c.model_channels))
+        emb = self.time_embed(
+            timestep_embedding(c_noise.reshape(-1).expand(x.shape[0]), c.model_channels)
+        )
         if c.num_classes is not None:
             if class_labels is None:
                 raise ValueError("this UNet is class-conditional: pass class_labels")

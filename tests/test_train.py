@@ -87,7 +87,9 @@ def test_schedules_and_distances():
     assert probs.shape == (49,) and abs(probs.sum().item() - 1) < 1e-5
     a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     c = 0.00054 * (48**0.5)
-    torch.testing.assert_close(pseudo_huber_distance(a, b), torch.full((2,), (48 + c * c) ** 0.5 - c))
+    torch.testing.assert_close(
+        pseudo_huber_distance(a, b), torch.full((2,), (48 + c * c) ** 0.5 - c)
+    )
 
 
 def _stop_after(trainer, n):
@@ -179,8 +181,8 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
             "--model-channels", "32", "--eval-samples", "0", "--sample-every", "1000",
             "--no-progress", "--warmup", "1"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "cmkernels.train", *args, "--out",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "cmkernels.train", *args, "--out", str(tmp_path / "one")]
+    one = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
