@@ -284,7 +284,8 @@ class Trainer:
         try:
             self.model.net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise TrainingError(f"--init-from {path}: the weights do not fit this model: {exc}") from exc
+            msg = f"--init-from {path}: the weights do not fit this model: {exc}"
+            raise TrainingError(msg) from exc
 
     # -- schedules -------------------------------------------------------------------------------
 
