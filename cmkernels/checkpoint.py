@@ -157,3 +157,32 @@ def load_denoiser(
         kind = parameterization or ("edm" if Path(path).name.startswith("edm") else "cm")
         den = Denoiser(net, kind, c_noise="official")
     return den.to(device).eval()
+
+
+def export_weights(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    weights: str = "ema",
+    dtype: torch.dtype = torch.float16,
+    record: dict | None = None,
+) -> Path:
+    """Write a slim inference checkpoint of our format: one set of weights (the first EMA or the
+    model) in `dtype`, no trainer state. `record` (e.g. the training command and metrics) is kept
+    under "record". Loads with load_denoiser like any of our checkpoints."""
+    state = load_file(src)
+    if state.get("format") != "cmkernels":
+        raise CheckpointError(f"{src} is not a cmkernels checkpoint")
+    if weights == "ema" and state.get("emas"):
+        chosen = next(iter(state["emas"].values()))
+    else:
+        chosen = state["model"]
+    slim = {
+        "format": "cmkernels",
+        "version": 1,
+        "unet_config": state["unet_config"],
+        "denoiser": state["denoiser"],
+        "model": {k: v.to(dtype) if v.is_floating_point() else v for k, v in chosen.items()},
+        "emas": {},
+        "record": record or {},
+    }  # fmt: skip
+    return save_atomic(slim, dst)

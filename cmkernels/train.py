@@ -291,7 +291,7 @@ class Trainer:
 
     def num_scales(self) -> int:
         c = self.cfg
-        if c.mode == "cd":
+        if c.mode in ("cd", "edm"):  # (EDM draws no grid points)
             return c.num_scales
         if c.ict:
             return ict_num_scales(self.step, c.steps, c.ct_s0, c.ct_s1)
@@ -367,7 +367,10 @@ class Trainer:
         with torch.no_grad():
             ops.ema_update_([p.detach() for p in self.params], copies, rates)
         self.step += 1
-        return {"loss": value, "lr": lr, "num_scales": num_scales}
+        stats = {"loss": value, "lr": lr}
+        if c.mode != "edm":
+            stats.update(num_scales=num_scales, target_ema=rates[0])
+        return stats
 
     # -- state -----------------------------------------------------------------------------------
 
