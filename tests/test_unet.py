@@ -52,8 +52,10 @@ def test_matches_official_outputs(reference, name, ops):
 
 @needs_data
 def test_kernels_path_matches_under_triton_interpreter(reference):
-    """The UNet with its GN sites on the Triton kernel (run by the interpreter on the CPU)."""
+    """The UNet with its GN and attention sites on the Triton kernels (run by the interpreter on
+    the CPU)."""
     from cmkernels import ops
+    from cmkernels.ops.attention import attention_triton
     from cmkernels.ops.groupnorm_silu import groupnorm_silu_triton
 
     e = reference["lsun256_mini"]
@@ -63,13 +65,14 @@ def test_kernels_path_matches_under_triton_interpreter(reference):
     def via_triton(x, w, b, scale=None, shift=None, *, groups=32, eps=1e-5, activation=True):
         return groupnorm_silu_triton(x, w, b, scale, shift, groups, eps, activation)[0]
 
-    original = ops.groupnorm_silu
+    original = ops.groupnorm_silu, ops.attention
     ops.groupnorm_silu = via_triton
+    ops.attention = lambda qkv, heads: attention_triton(qkv, heads)[0]
     try:
         with torch.no_grad():
             out = net(e["x"][:1], e["rescaled_t"][:1], None)
     finally:
-        ops.groupnorm_silu = original
+        ops.groupnorm_silu, ops.attention = original
     assert rel_l2(out, e["F"][:1]) < 1e-5
 
 
