@@ -1,6 +1,7 @@
 """The UNet against the official network's stored outputs and layouts; denoisers; checkpoints."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,9 @@ def test_checkpoint_round_trip(tmp_path):
     for a, b in zip(den.net.state_dict().values(), net.state_dict().values()):
         assert torch.equal(a, b)
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_checkpoint_errors(tmp_path):
