@@ -52,7 +52,19 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
+def copy_bandwidth(data: dict) -> float | None:
+    """The best GB/s of the run's copy benchmark (benchmarks/test_bench_copy.py), if it ran."""
+    rates = [
+        (b.get("extra_info") or {}).get("GB/s")
+        for b in data["benchmarks"]
+        if b.get("group") == "copy-bandwidth"
+    ]
+    rates = [r for r in rates if r]
+    return max(rates) if rates else None
+
+
 def markdown(data: dict) -> str:
+    peak = copy_bandwidth(data)
     machine = data.get("machine_info", {})
     commit = data.get("commit_info", {})
     lines = [
@@ -64,6 +76,9 @@ def markdown(data: dict) -> str:
         f"- date: {data.get('datetime', '?')}",
         "",
         "Mean time per call; speedup = baseline time / provider time (higher is faster).",
+        f"Memory-copy bandwidth measured in this run: {peak:.1f} GB/s; '% of copy' = GB/s / that."
+        if peak
+        else "No copy benchmark in this run: no '% of copy' figures.",
         "",
     ]
     for group, rows in sorted(groups(data).items()):
@@ -78,6 +93,8 @@ def markdown(data: dict) -> str:
             info = bench.get("extra_info") or {}
             extra = ", ".join(f"{k}={info[k]}" for k in ("GB/s", "TFLOP/s", "img/s", "peak_mem_gb",
                                                         "warmup_s") if k in info)  # fmt: skip
+            if peak and info.get("GB/s"):
+                extra += f", {100 * info['GB/s'] / peak:.0f}% of copy"
             speed = "".join(f" {base[b] / st['mean']:.2f}x |" for b in base)
             lines.append(f"| {name} | {_fmt_time(st['mean'])} | {_fmt_time(st['min'])} | "
                          f"{extra} |{speed}")  # fmt: skip

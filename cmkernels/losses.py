@@ -134,7 +134,7 @@ class ConsistencyLoss:
     sampling:  "uniform" n ~ U{0..N-2} | "lognormal" (iCT's discretised lognormal)
     """
 
-    distance: str = "l2"
+    distance: str | Callable[[Tensor, Tensor], Tensor] = "l2"  # a name, or d(a, b) -> [B]
     weighting: str = "uniform"
     sampling: str = "uniform"
     sigma_min: float = SIGMA_MIN
@@ -176,7 +176,8 @@ class ConsistencyLoss:
         online = model(x_t, t, labels)
         with torch.no_grad():
             ref = _same_dropout(lambda: target(x_hat, t2, labels), rng, x.device)
-        dist = DISTANCES[self.distance](online, ref.detach())
+        distance = DISTANCES[self.distance] if isinstance(self.distance, str) else self.distance
+        dist = distance(online, ref.detach())
         if self.weighting == "ict":
             dist = dist / (t - t2)
         return dist, {"sigma_mean": t.mean().item()}

@@ -70,7 +70,9 @@ class TrainConfig:
     target_ema: float = (
         0.95  # CD: mu of the target network (paper: 0 on CIFAR-10, 0.95 on ImageNet)
     )
-    distance: str = "l2"  # l2 | l1 | pseudo_huber
+    distance: str = "l2"  # l2 | l1 | pseudo_huber | lpips (with the two weight files below)
+    lpips_vgg: str | None = None  # LPIPS: local torchvision VGG-16 state_dict (nothing downloads)
+    lpips_lin: str | None = None  # LPIPS: local linear-layer weights (lpips' weights/v0.1/vgg.pth)
     ct_s0: int = 2  # CT schedule N(k)
     ct_s1: int = 150
     ct_mu0: float = 0.9
@@ -230,8 +232,16 @@ class Trainer:
             self.loss_fn = EDMLoss()
         else:
             ict = cfg.mode == "ct" and cfg.ict
+            distance = cfg.distance
+            if distance == "lpips":
+                from cmkernels.lpips import LPIPS, LPIPSError
+
+                try:
+                    distance = LPIPS.from_files(cfg.lpips_vgg, cfg.lpips_lin).to(self.device)
+                except LPIPSError as exc:
+                    raise TrainingError(str(exc)) from None
             self.loss_fn = ConsistencyLoss(
-                distance=cfg.distance,
+                distance=distance,
                 weighting="ict" if ict else "uniform",
                 sampling="lognormal" if ict else "uniform",
             )
@@ -587,8 +597,14 @@ def parse_args(argv=None) -> TrainConfig:
     if args.ci:
         merged.update(CI_OVERRIDES)
     merged.update(values)
-    if merged.get("distance", "l2") not in ("l2", "l1", "pseudo_huber"):
-        p.error("--distance must be l2, l1 or pseudo_huber (LPIPS needs weights we cannot ship)")
+    distance = merged.get("distance", "l2")
+    if distance not in ("l2", "l1", "pseudo_huber", "lpips"):
+        p.error(f"--distance must be l2, l1, pseudo_huber or lpips, not {distance!r}")
+    if distance == "lpips" and not (merged.get("lpips_vgg") and merged.get("lpips_lin")):
+        p.error(
+            "--distance lpips needs local weights (nothing is downloaded): --lpips-vgg PATH "
+            "(torchvision's VGG-16 state_dict) and --lpips-lin PATH (lpips' v0.1/vgg.pth)"
+        )
     merged["extra"] = {"argv": sys.argv[1:] if argv is None else list(argv)}
     return TrainConfig(**merged)
 

@@ -29,3 +29,14 @@ def test_bad_file(tmp_path):
     bad.write_text("{}")
     with pytest.raises(SystemExit, match="not a pytest-benchmark"):
         bench_report.main([str(bad)])
+
+
+def test_percent_of_copy(tmp_path):
+    copy = _bench("copy-bandwidth", "copy-64MB", 1.0)
+    copy["extra_info"]["GB/s"] = 200.0
+    op = _bench("ema", "cmkernels", 1.0)
+    op["extra_info"]["GB/s"] = 150.0
+    src = tmp_path / "b.json"
+    src.write_text(json.dumps({"benchmarks": [copy, op]}))
+    md = bench_report.markdown(bench_report.load(src))
+    assert "200.0 GB/s" in md and "GB/s=150.0, 75% of copy" in md
