@@ -69,14 +69,14 @@ def timed(
         out = benchmark(call)
     else:
         out = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
-    mean = benchmark.stats.stats.mean if benchmark.stats else None
+    median = benchmark.stats.stats.median if benchmark.stats else None  # robust on shared machines
     info = benchmark.extra_info
     info.update(provider=provider, device=device_name(), warmup_s=round(warmup_s, 3), **versions())
     if ON_GPU:
         info["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    if mean:
+    if median:
         if bytes_moved:
-            info["GB/s"] = round(bytes_moved / mean / 1e9, 2)
+            info["GB/s"] = round(bytes_moved / median / 1e9, 2)
         if flops:
-            info["TFLOP/s"] = round(flops / mean / 1e12, 3)
+            info["TFLOP/s"] = round(flops / median / 1e12, 3)
     return out

@@ -4,9 +4,10 @@
     python -m cmkernels.bench_report bench.json --out benchmarks/results/cpu-2026-11-23
 
 Benchmarks are grouped by `benchmark.group`; within a group each row is a provider (recorded in
-`extra_info["provider"]`, else taken from the test's parameters). Speedups are the baselines' mean
-times divided by the provider's (higher is faster): over "eager" (eager fp32 for the end-to-end
-benchmarks) and over "eager-bf16" where a group has one.
+`extra_info["provider"]`, else taken from the test's parameters). Speedups are the baselines'
+median times divided by the provider's (higher is faster; the median resists the outliers of
+shared machines): over "eager" (eager fp32 for the end-to-end benchmarks) and over "eager-bf16"
+where a group has one.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def groups(data: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
+def _time(bench: dict) -> float:
+    """The statistic every figure uses: the median (the mean in files written without one)."""
+    stats = bench["stats"]
+    return stats.get("median", stats["mean"])
+
+
 def _fmt_time(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale:
@@ -75,28 +82,28 @@ def markdown(data: dict) -> str:
         f"dirty={commit.get('dirty', '?')}",
         f"- date: {data.get('datetime', '?')}",
         "",
-        "Mean time per call; speedup = baseline time / provider time (higher is faster).",
+        "Median time per call; speedup = baseline time / provider time (higher is faster).",
         f"Memory-copy bandwidth measured in this run: {peak:.1f} GB/s; '% of copy' = GB/s / that."
         if peak
         else "No copy benchmark in this run: no '% of copy' figures.",
         "",
     ]
     for group, rows in sorted(groups(data).items()):
-        base = {b: rows[b]["stats"]["mean"] for b in BASELINES if b in rows}
+        base = {b: _time(rows[b]) for b in BASELINES if b in rows}
         first = next(iter(rows.values()))
         device = (first.get("extra_info") or {}).get("device", "")
         lines += [f"## {group}", "", f"device: {device}", ""]
-        header = "| provider | mean | min | extra |" + "".join(f" vs {b} |" for b in base)
+        header = "| provider | median | min | extra |" + "".join(f" vs {b} |" for b in base)
         lines += [header, "|" + " --- |" * (4 + len(base))]
-        for name, bench in sorted(rows.items(), key=lambda kv: kv[1]["stats"]["mean"]):
+        for name, bench in sorted(rows.items(), key=lambda kv: _time(kv[1])):
             st = bench["stats"]
             info = bench.get("extra_info") or {}
             extra = ", ".join(f"{k}={info[k]}" for k in ("GB/s", "TFLOP/s", "img/s", "peak_mem_gb",
                                                         "warmup_s") if k in info)  # fmt: skip
             if peak and info.get("GB/s"):
                 extra += f", {100 * info['GB/s'] / peak:.0f}% of copy"
-            speed = "".join(f" {base[b] / st['mean']:.2f}x |" for b in base)
-            lines.append(f"| {name} | {_fmt_time(st['mean'])} | {_fmt_time(st['min'])} | "
+            speed = "".join(f" {base[b] / _time(bench):.2f}x |" for b in base)
+            lines.append(f"| {name} | {_fmt_time(_time(bench))} | {_fmt_time(st['min'])} | "
                          f"{extra} |{speed}")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
@@ -114,9 +121,9 @@ def chart(data: dict, path: Path) -> None:
         base = next((b for b in BASELINES if b in provs), None)
         if base is None:
             continue
-        t0 = provs[base]["stats"]["mean"]
+        t0 = _time(provs[base])
         for name, bench in provs.items():
-            rows.append((group, name, t0 / bench["stats"]["mean"]))
+            rows.append((group, name, t0 / _time(bench)))
     if not rows:
         return
     providers = sorted({r[1] for r in rows})
