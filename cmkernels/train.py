@@ -85,13 +85,13 @@ class TrainConfig:
     # Run.
     seed: int = 0
     out: str | None = None  # default runs/<mode>-<data>
-    log_every: int = 25
+    log_every: int = 25  # these three: every K steps, 0 = only at the end
     sample_every: int = 500
     ckpt_every: int = 500
     eval_samples: int = 1000  # images for the final Frechet distance (0: skip)
     device: str = "auto"
     bf16: bool | None = None  # autocast to bf16 (default: on for CUDA)
-    channels_last: bool | None = None  # default: on for CUDA
+    channels_last: bool | None = None  # default: on (faster convolutions on CUDA and on the CPU)
     compile: bool = False
     ops: str = "kernels"  # kernels | reference
     resume: bool = False
@@ -179,6 +179,11 @@ def denoiser_meta(den: Denoiser) -> dict:
     )
 
 
+def _due(step: int, every: int) -> bool:
+    """True every `every` steps; never for 0 (the end of the run writes everything anyway)."""
+    return every > 0 and step % every == 0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -189,10 +194,13 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} must be divisible by world size x --accum "
                 f"({self.dist.world} x {cfg.accum})"
             )
+        for name in ("steps", "log_every", "sample_every", "ckpt_every", "eval_samples"):
+            if getattr(cfg, name) < 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 0")
         self.out = Path(cfg.out or f"runs/{cfg.mode}-{Path(cfg.data).name}")
         on_cuda = self.device.type == "cuda"
         self.bf16 = on_cuda if cfg.bf16 is None else cfg.bf16
-        self.channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+        self.channels_last = True if cfg.channels_last is None else cfg.channels_last
 
         torch.manual_seed(cfg.seed)
         self.data = load_dataset(cfg.data, split="train", image_size=cfg.image_size)
@@ -524,14 +532,14 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{stats['loss']:.4f}", img_s=f"{imgs / (now - t_last):.0f}"
                     )
-                if main and (self.step % c.log_every == 0 or self.step == c.steps):
+                if main and (_due(self.step, c.log_every) or self.step == c.steps):
                     rec = dict(step=self.step, **stats, img_per_s=imgs / (now - t_last))
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     t_last, imgs = now, 0
-                if self.step % c.ckpt_every == 0 and self.step < c.steps:
+                if _due(self.step, c.ckpt_every) and self.step < c.steps:
                     self.save()
-                if self.step % c.sample_every == 0 and self.step < c.steps:
+                if _due(self.step, c.sample_every) and self.step < c.steps:
                     self.write_samples(f"{self.step:06d}")
         finally:
             signal.signal(signal.SIGINT, previous)

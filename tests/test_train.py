@@ -140,6 +140,19 @@ def test_cd_runs_and_writes_artifacts(tmp_path):
     assert ckpt["format"] == "cmkernels" and ckpt["denoiser"]["parameterization"] == "cm"
 
 
+def test_zero_intervals_write_only_at_the_end(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(out, "--mode", "ct", "--steps", "2", "--log-every", "0", "--sample-every", "0",
+               "--ckpt-every", "0")  # fmt: skip
+    train.Trainer(cfg).run()
+    assert (out / "last.pt").exists() and (out / "samples_one-step_final.png").exists()
+    assert not list(out.glob("samples_*0000*.png"))
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if '"loss"' in x] == [2]
+    with pytest.raises(train.TrainingError, match="--ckpt-every must be >= 0"):
+        train.Trainer(_cfg(out, "--mode", "ct", "--ckpt-every", "-1"))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     trainer = train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "5", "--ckpt-every", "1"))
     real = trainer.loss_fn
