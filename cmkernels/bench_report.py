@@ -70,6 +70,19 @@ def copy_bandwidth(data: dict) -> float | None:
     return max(rates) if rates else None
 
 
+def _versions(data: dict) -> str:
+    """python, torch, triton and the devices, as the benchmarks recorded them."""
+    found = {"python": data.get("machine_info", {}).get("python_version", "?")}
+    devices = set()
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        found.update({k: info[k] for k in ("torch", "triton") if k in info})
+        if info.get("device"):
+            devices.add(info["device"])
+    listed = ", ".join(f"{k} {v}" for k, v in found.items())
+    return f"{listed}; devices: {'; '.join(sorted(devices))}"
+
+
 def markdown(data: dict) -> str:
     peak = copy_bandwidth(data)
     machine = data.get("machine_info", {})
@@ -81,6 +94,7 @@ def markdown(data: dict) -> str:
         f"- commit: {commit.get('id', '?')} ({commit.get('branch', '?')}), "
         f"dirty={commit.get('dirty', '?')}",
         f"- date: {data.get('datetime', '?')}",
+        f"- versions: {_versions(data)}",
         "",
         "Median time per call; speedup = baseline time / provider time (higher is faster).",
         f"Memory-copy bandwidth measured in this run: {peak:.1f} GB/s; '% of copy' = GB/s / that."
