@@ -1016,6 +1016,12 @@ def _cpu_inference(x: Tensor) -> bool:
     return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
 
+def _cpu_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # On the CPU, SDPA is 1.2-1.9x faster on contiguous (B, H, T, d) inputs than on the packed
+    # layout's views (last dimension strided), copies included.
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+
+
 def attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Fused multi-head self-attention on the packed official layout.
 
@@ -1026,7 +1032,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     """
     if _cpu_inference(qkv):
         check_packed(qkv, num_heads)
-        return _merge_heads(F.scaled_dot_product_attention(*_split_packed(qkv, num_heads)))
+        return _merge_heads(_cpu_sdpa(*_split_packed(qkv, num_heads)))
     out, _ = _forward_op(qkv, num_heads)
     return out
 
@@ -1036,6 +1042,6 @@ def attention_bhtd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     d in 1..128). Returns [B, H, T, d]; softmax scale 1/sqrt(d)."""
     if _cpu_inference(q) and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
         check_bhtd(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v)
+        return _cpu_sdpa(q, k, v)
     out, _ = _bhtd_op(q, k, v)
     return out
