@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: cuda when available, else cpu",
     )
     p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the network on NHWC activations (default; faster convolutions on GPUs and CPUs)",
+    )
+    p.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
         default="fp32",
@@ -292,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
 
     denoiser = load_model(args)
+    if args.channels_last:  # NHWC weights make every convolution produce NHWC activations
+        denoiser = denoiser.to(memory_format=torch.channels_last)
     config = denoiser.net.config
     channels, size, num_classes = config.in_channels, config.image_size, config.num_classes
     if args.class_label is not None:

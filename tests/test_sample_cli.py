@@ -113,6 +113,16 @@ def test_images_do_not_depend_on_batch_size(ckpt, tmp_path):
     assert np.abs(ia[0] - ia[1]).max() > 1
 
 
+def test_channels_last_gives_the_same_images(ckpt, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--checkpoint", ckpt, "--num-samples", 2, "--seed", 3, "--ts", "0,22,39"]
+    assert run([*common, "--out", a]) is None  # channels_last: the default
+    assert run([*common, "--no-channels-last", "--out", b]) is None
+    ia, ib = load_npz(a)["images"].astype(int), load_npz(b)["images"].astype(int)
+    assert np.abs(ia - ib).max() <= 1  # Equal up to float rounding in the convolutions.
+    assert np.abs(ia[0] - ia[1]).max() > 1
+
+
 @pytest.mark.parametrize("extra", [["--sampler", "heun", "--steps", 3],
                                    ["--sampler", "euler", "--sigmas", "80,2"],
                                    ["--sigmas", "80,0.8"],
