@@ -241,6 +241,16 @@ def test_cpu_op(dtype, B, H, d, T, strided, cpu_backend):
     check_rule("inference", inference, outl, out64, dtype)
 
 
+@pytest.mark.parametrize("shape", [(0, 96, 5), (2, 96, 0)])
+def test_cpu_op_empty(shape, cpu_backend):
+    x = torch.randn(*shape, requires_grad=True)
+    out = attention(x, 2)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert out.shape == (shape[0], 32, shape[2]) and grad.shape == shape
+    _, lse = torch.ops.cmkernels.attention(x.detach(), 2)
+    assert lse.shape == (shape[0], 2, shape[2]) and lse.dtype == torch.float32
+
+
 def test_cpu_op_bhtd(cpu_backend):
     torch.manual_seed(4)
     q, k, v = (torch.randn(2, 3, 17, 8).requires_grad_() for _ in range(3))

@@ -849,7 +849,9 @@ _CPU_FLASH_BWD = getattr(
 
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out (B, H, T, d), lse (B, H, T)) on the CPU."""
-    if _CPU_FLASH is None or q.shape[-2] == 0:
+    if q.numel() == 0:  # no rows (B, H or T = 0): nothing to compute
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    if _CPU_FLASH is None:
         return _sdpa_forward(q, k, v)
     out, lse = _CPU_FLASH(q.contiguous(), k.contiguous(), v.contiguous())
     return out, lse.contiguous()  # lse comes back (B, T, H)-major; the fake kernel says contiguous
@@ -857,7 +859,9 @@ def _cpu_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 def _cpu_backward(q, k, v, out, grad_out, lse) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), each (B, H, T, d), on the CPU."""
-    if _CPU_FLASH_BWD is None or q.shape[-2] == 0:
+    if q.numel() == 0:
+        return tuple(grad_out.new_zeros(q.shape) for _ in range(3))
+    if _CPU_FLASH_BWD is None:
         return _math_backward(q, k, v, out, grad_out, lse)
     q, k, v, out, grad_out = (x.contiguous() for x in (q, k, v, out, grad_out))
     return _CPU_FLASH_BWD(grad_out, q, k, v, out, lse.contiguous(), 0.0, False)
