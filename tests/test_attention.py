@@ -209,21 +209,18 @@ def test_triton_empty_batch():
 # The ops on CPU tensors: CPU kernels, autograd, opcheck, torch.compile.
 
 
-@pytest.fixture(params=["aten-flash", "math"])
-def cpu_backend(request, monkeypatch):
-    """The CPU kernels run ATen's CPU flash attention, or the math fallback without it."""
-    if request.param == "math":
-        monkeypatch.setattr(A, "_CPU_FLASH", None)
-        monkeypatch.setattr(A, "_CPU_FLASH_BWD", None)
-    elif A._CPU_FLASH is None:
-        pytest.skip("this torch has no ATen CPU flash attention")
-    return request.param
+# The two CPU paths: the ops' own CPU kernels (through their registered autograd) and the public
+# entry points, which call SDPA on the CPU.
+PACKED = {"op": lambda x, h: torch.ops.cmkernels.attention(x, h)[0], "public": attention}
+BHTD = {"op": lambda q, k, v: torch.ops.cmkernels.attention_bhtd(q, k, v)[0],
+        "public": attention_bhtd}  # fmt: skip
 
 
+@pytest.mark.parametrize("path", list(PACKED))
 @pytest.mark.parametrize("B, H, d, T, strided", [(2, 2, 16, 29, False), (3, 3, 40, 1, True),
                                                  (1, 1, 64, 70, True)])  # fmt: skip
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_op(dtype, B, H, d, T, strided, cpu_backend):
+def test_cpu_paths(dtype, B, H, d, T, strided, path):
     torch.manual_seed(3)
     if strided:  # [B, T, C] storage seen as [B, C, T]: no dimension has stride 1 where expected
         qkv = torch.randn(B, T, 3 * H * d).to(dtype).transpose(1, 2)
@@ -231,30 +228,32 @@ def test_cpu_op(dtype, B, H, d, T, strided, cpu_backend):
         qkv = torch.randn(B, 3 * H * d, T).to(dtype)
     grad_out = torch.randn(B, H * d, T).to(dtype)
     x = qkv.clone().requires_grad_()
-    out = attention(x, H)  # the op (autograd needs lse)
+    out = PACKED[path](x, H)
     (grad,) = torch.autograd.grad(out, x, grad_out)
     _, lse = torch.ops.cmkernels.attention(qkv, H)
     check_packed(qkv, H, grad_out, out.detach(), lse, grad)
-    with torch.no_grad():  # SDPA without the lse
-        inference = attention(qkv, H)
+    with torch.no_grad():
+        inference = PACKED[path](qkv, H)
     out64, _, _, outl, _ = reference_packed(qkv, H, grad_out)
     check_rule("inference", inference, outl, out64, dtype)
 
 
+@pytest.mark.parametrize("path", list(PACKED))
 @pytest.mark.parametrize("shape", [(0, 96, 5), (2, 96, 0)])
-def test_cpu_op_empty(shape, cpu_backend):
+def test_cpu_empty(shape, path):
     x = torch.randn(*shape, requires_grad=True)
-    out = attention(x, 2)
+    out = PACKED[path](x, 2)
     (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert out.shape == (shape[0], 32, shape[2]) and grad.shape == shape
     _, lse = torch.ops.cmkernels.attention(x.detach(), 2)
     assert lse.shape == (shape[0], 2, shape[2]) and lse.dtype == torch.float32
 
 
-def test_cpu_op_bhtd(cpu_backend):
+@pytest.mark.parametrize("path", list(BHTD))
+def test_cpu_bhtd(path):
     torch.manual_seed(4)
     q, k, v = (torch.randn(2, 3, 17, 8).requires_grad_() for _ in range(3))
-    out = attention_bhtd(q, k, v)
+    out = BHTD[path](q, k, v)
     torch.testing.assert_close(out, attention_bhtd_ref(q, k, v), atol=2e-6, rtol=1e-5)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     refs = torch.autograd.grad(attention_bhtd_ref(q, k, v).sum(), (q, k, v))
@@ -262,12 +261,13 @@ def test_cpu_op_bhtd(cpu_backend):
         torch.testing.assert_close(g, r, atol=2e-6, rtol=1e-5)
 
 
-def test_gradcheck_cpu():
+@pytest.mark.parametrize("path", list(PACKED))
+def test_gradcheck_cpu(path):
     torch.manual_seed(5)
     qkv = torch.randn(1, 3 * 2 * 4, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: attention(x, 2), (qkv,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: PACKED[path](x, 2), (qkv,), fast_mode=True)
     qs = [torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    assert torch.autograd.gradcheck(attention_bhtd, qs, fast_mode=True)
+    assert torch.autograd.gradcheck(BHTD[path], qs, fast_mode=True)
 
 
 def test_opcheck():

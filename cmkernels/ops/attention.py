@@ -13,14 +13,14 @@ Pieces:
   ``attention_bhtd_triton`` / ``attention_bhtd_backward_triton`` (split) launchers: the ops' CUDA
   kernels (also runnable on CPU tensors under ``TRITON_INTERPRET=1``, as the tests do).
 - ``torch.ops.cmkernels.attention`` / ``attention_backward`` / ``attention_bhtd`` /
-  ``attention_bhtd_backward``: schemas in csrc/ops.cpp; CPU kernels here (ATen's CPU
-  flash-attention forward and backward, which keep the same (out, lse) pair; without them SDPA
-  plus a logsumexp and the kernels' blockwise math in PyTorch), CUDA kernels = the Triton
-  launchers, fake kernels, autograd. The forward ops return
+  ``attention_bhtd_backward``: schemas in csrc/ops.cpp; CPU kernels here (forward:
+  SDPA plus a chunked logsumexp; backward: the kernels' blockwise math in PyTorch), CUDA kernels =
+  the Triton launchers, fake kernels, autograd. The forward ops return
   (out, lse), lse [B, H, T] the natural-log logsumexp of each softmax row (fp32; fp64 for fp64
   input), which the backward reuses; lse is not differentiable.
-- ``attention(qkv, num_heads)`` / ``attention_bhtd(q, k, v)``: the public entry points (on the
-  CPU without autograd they call plain SDPA: no lse needed).
+- ``attention(qkv, num_heads)`` / ``attention_bhtd(q, k, v)``: the public entry points. On the
+  CPU they call F.scaled_dot_product_attention on contiguous q, k, v, forward and backward (its
+  CPU flash kernels beat the op's recomputing backward 2-3x); elsewhere the ops.
 
 On CUDA the kernels' block sizes are autotuned per (T, d, dtype) on first use;
 ``CMKERNELS_AUTOTUNE=0`` selects the fixed per-head-dim heuristic instead.
@@ -836,35 +836,18 @@ def _chunk_rows(B: int, H: int, T: int) -> int:
     return max(1, (1 << 22) // max(1, B * H * T))  # (B, H, rows, T) score chunks <= 4M elements
 
 
-# ATen's CPU flash-attention kernels (the ones F.scaled_dot_product_attention runs on the CPU)
-# return and take the same (out, lse) pair as our ops, so the CPU ops call them directly: 5x faster
-# forward and 2x faster backward than the chunked math below at T = 1024, d = 64. They return wrong
-# values for inputs whose last dimension is strided (torch 2.14), hence the .contiguous() copies.
-# The math versions stay as the fallback for torch builds without them.
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_CPU_FLASH_BWD = getattr(
-    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
-)
-
-
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out (B, H, T, d), lse (B, H, T)) on the CPU."""
     if q.numel() == 0:  # no rows (B, H or T = 0): nothing to compute
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
-    if _CPU_FLASH is None:
-        return _sdpa_forward(q, k, v)
-    out, lse = _CPU_FLASH(q.contiguous(), k.contiguous(), v.contiguous())
-    return out, lse.contiguous()  # lse comes back (B, T, H)-major; the fake kernel says contiguous
+    return _sdpa_forward(q, k, v)
 
 
 def _cpu_backward(q, k, v, out, grad_out, lse) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), each (B, H, T, d), on the CPU."""
     if q.numel() == 0:
         return tuple(grad_out.new_zeros(q.shape) for _ in range(3))
-    if _CPU_FLASH_BWD is None:
-        return _math_backward(q, k, v, out, grad_out, lse)
-    q, k, v, out, grad_out = (x.contiguous() for x in (q, k, v, out, grad_out))
-    return _CPU_FLASH_BWD(grad_out, q, k, v, out, lse.contiguous(), 0.0, False)
+    return _math_backward(q, k, v, out, grad_out, lse)
 
 
 def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -877,7 +860,7 @@ def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         torch.logsumexp(torch.matmul(q[:, :, i : i + rows].to(dt), kt) * d**-0.5, dim=-1)
         for i in range(0, T, rows)
     ]
-    return F.scaled_dot_product_attention(q, k, v), torch.cat(lse, dim=-1)
+    return _cpu_sdpa(q, k, v), torch.cat(lse, dim=-1)
 
 
 def _math_backward(q, k, v, out, grad_out, lse) -> tuple[Tensor, Tensor, Tensor]:
@@ -1014,12 +997,6 @@ torch.library.register_autograd(
 # Public API.
 
 
-def _cpu_inference(x: Tensor) -> bool:
-    # CPU without autograd needs no lse: plain SDPA (which picks its fastest CPU kernel for the
-    # shape and skips the lse) is then at least as fast as the op.
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-
-
 def _cpu_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # On the CPU, SDPA is 1.2-1.9x faster on contiguous (B, H, T, d) inputs than on the packed
     # layout's views (last dimension strided), copies included.
@@ -1034,7 +1011,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
     num_heads: H.
     Returns [B, H*d, T] (channel order heads, head_dim), dtype of qkv; softmax scale 1/sqrt(d).
     """
-    if _cpu_inference(qkv):
+    if qkv.device.type == "cpu":  # SDPA, differentiable through its own CPU kernels
         check_packed(qkv, num_heads)
         return _merge_heads(_cpu_sdpa(*_split_packed(qkv, num_heads)))
     out, _ = _forward_op(qkv, num_heads)
@@ -1044,7 +1021,7 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
 def attention_bhtd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Fused multi-head self-attention on q, k, v [B, H, T, d] (any strides, same shape and dtype;
     d in 1..128). Returns [B, H, T, d]; softmax scale 1/sqrt(d)."""
-    if _cpu_inference(q) and not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+    if q.device.type == "cpu":
         check_bhtd(q, k, v)
         return _cpu_sdpa(q, k, v)
     out, _ = _bhtd_op(q, k, v)
