@@ -33,7 +33,8 @@ HAS_EXTENSION = _C is not None
 
 
 def build_info() -> dict:
-    """How the extension was built: CUDA compiled or not, CUDA version, architectures, torch."""
+    """How the extension was built: CUDA compiled or not, CUDA version, architectures, torch,
+    OpenMP, and whether the CPU kernels run their AVX2 variants on this machine."""
     if _C is None:
         return {
             "extension": False,

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 // Hot CPU loops are compiled twice: for baseline x86-64 and for x86-64-v3 (AVX2 + FMA), picked at
 // run time by cpu_has_avx2(), so one build runs everywhere and fast where it can.
@@ -28,9 +29,11 @@
 
 namespace cmkernels {
 
+// CMKERNELS_NO_AVX2=1 forces the baseline code (what CPUs without AVX2 run), for tests.
 inline bool cpu_has_avx2() {
 #if CMK_HAVE_AVX2_PATH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("CMKERNELS_NO_AVX2") == nullptr;
   return has;
 #else
   return false;

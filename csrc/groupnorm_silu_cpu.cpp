@@ -22,6 +22,10 @@
 
 #include "common.h"
 
+#if CMK_HAVE_AVX2_PATH
+#include <immintrin.h>
+#endif
+
 namespace cmkernels {
 namespace {
 
@@ -219,11 +223,69 @@ CMK_INLINE void bwd_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
 // templates directly.
 CMK_DISPATCHED(shifted_sums_f32, (const float* x, int64_t n, float p, double& s, double& ss),
                (x, n, p, s, ss), (shifted_sums<float, float>(x, n, p, s, ss)))
+#if CMK_HAVE_AVX2_PATH
+// The forward's SiLU pass in AVX2 intrinsics, where the compiler's vectorisation of silu() above
+// costs ~15% more: silu(a) = a / (1 + exp(-a)) with -a clamped to [-86, 86], so exp(-a) needs no
+// sign select (it may be large; a / (1 + t) still tends to 0 correctly) and e * 2^n is an integer
+// add on the exponent field (n in [-124, 124] keeps the result normal). Same polynomial as
+// exp_nonpositive; max relative error ~2e-7 against float64.
+CMK_TARGET_AVX2 CMK_INLINE __m256 silu8(__m256 a) {
+  const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), a),
+                                               _mm256_set1_ps(-86.0f)),
+                                 _mm256_set1_ps(86.0f));  // a NaN becomes -86 here; a / ... stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459e-1f), r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073e-3f), r, _mm256_set1_ps(4.1665795894e-2f));
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+  const __m256 p = _mm256_fmadd_ps(r2, _mm256_fmadd_ps(r2, p45, p23), p01);
+  const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 t = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
+  return _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), t));
+}
+
+CMK_TARGET_AVX2 static void affine_act_run_f32_avx2(const float* x, float* y, int64_t n, float A,
+                                                    float B, bool act) {
+  if (!act) return affine_act_run<float, float>(x, y, n, A, B, act);
+  const __m256 va = _mm256_set1_ps(A), vb = _mm256_set1_ps(B);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, silu8(_mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), vb)));
+  affine_act_run<float, float>(x + i, y + i, n - i, A, B, act);  // the < 8 left
+}
+
+CMK_TARGET_AVX2 static void affine_act_row_f32_avx2(const float* x, float* y, int64_t C,
+                                                    const float* A, const float* B, bool act) {
+  if (!act) return affine_act_row<float, float>(x, y, C, A, B, act);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(A + c), _mm256_loadu_ps(x + c),
+                                     _mm256_loadu_ps(B + c));
+    _mm256_storeu_ps(y + c, silu8(a));
+  }
+  affine_act_row<float, float>(x + c, y + c, C - c, A + c, B + c, act);
+}
+
+static void affine_act_run_f32(const float* x, float* y, int64_t n, float A, float B, bool act) {
+  if (cpu_has_avx2()) affine_act_run_f32_avx2(x, y, n, A, B, act);
+  else affine_act_run<float, float>(x, y, n, A, B, act);
+}
+static void affine_act_row_f32(const float* x, float* y, int64_t C, const float* A, const float* B,
+                               bool act) {
+  if (cpu_has_avx2()) affine_act_row_f32_avx2(x, y, C, A, B, act);
+  else affine_act_row<float, float>(x, y, C, A, B, act);
+}
+#else
 CMK_DISPATCHED(affine_act_run_f32, (const float* x, float* y, int64_t n, float A, float B, bool act),
                (x, y, n, A, B, act), (affine_act_run<float, float>(x, y, n, A, B, act)))
 CMK_DISPATCHED(affine_act_row_f32,
                (const float* x, float* y, int64_t C, const float* A, const float* B, bool act),
                (x, y, C, A, B, act), (affine_act_row<float, float>(x, y, C, A, B, act)))
+#endif
 CMK_DISPATCHED(bwd_sums_run_f32,
                (const float* dy, const float* x, int64_t n, float A, float B, float P, float Q,
                 bool act, float& T1, float& T2),
@@ -584,5 +646,7 @@ TORCH_LIBRARY_IMPL(cmkernels, CPU, m) {
   m.impl("groupnorm_silu", &groupnorm_silu_cpu);
   m.impl("groupnorm_silu_backward", &groupnorm_silu_backward_cpu);
 }
+
+bool cpu_avx2_kernels() { return cpu_has_avx2(); }  // reported by build_info()
 
 }  // namespace cmkernels

@@ -9,6 +9,8 @@
 namespace py = pybind11;
 
 namespace cmkernels {
+// Defined in csrc/groupnorm_silu_cpu.cpp: whether the CPU kernels run their AVX2 variants.
+bool cpu_avx2_kernels();
 #if CMKERNELS_WITH_CUDA
 // Defined in csrc/cuda_info.cu (compiled by nvcc, which knows the target architectures).
 std::string cuda_arch_list();
@@ -45,6 +47,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["cuda_archs"] = "";
         info["cuda_runtime_version"] = py::none();
 #endif
+        info["cpu_avx2_kernels"] = cmkernels::cpu_avx2_kernels();
 #if defined(_OPENMP)
         info["openmp"] = true;
 #else
@@ -52,5 +55,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
         return info;
       },
-      "How the extension was built: CUDA compiled or not, CUDA version, architectures, torch.");
+      "How the extension was built: CUDA compiled or not, CUDA version, architectures, torch, "
+      "OpenMP, and whether the CPU kernels run their AVX2 variants here.");
 }
