@@ -836,24 +836,12 @@ def _chunk_rows(B: int, H: int, T: int) -> int:
     return max(1, (1 << 22) // max(1, B * H * T))  # (B, H, rows, T) score chunks <= 4M elements
 
 
-def _cpu_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """(out (B, H, T, d), lse (B, H, T)) on the CPU."""
-    if q.numel() == 0:  # no rows (B, H or T = 0): nothing to compute
-        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
-    return _sdpa_forward(q, k, v)
-
-
-def _cpu_backward(q, k, v, out, grad_out, lse) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv), each (B, H, T, d), on the CPU."""
-    if q.numel() == 0:
-        return tuple(grad_out.new_zeros(q.shape) for _ in range(3))
-    return _math_backward(q, k, v, out, grad_out, lse)
-
-
 def _sdpa_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out (B, H, T, d), lse (B, H, T)): SDPA plus a chunked logsumexp."""
     B, H, T, d = q.shape
     dt = _lse_dtype(q)
+    if q.numel() == 0:  # no rows (B or T = 0): nothing to compute, no chunks to concatenate
+        return q.new_empty(q.shape), q.new_empty(B, H, T, dtype=dt)
     kt = k.to(dt).transpose(-1, -2)  # (B, H, d, T)
     rows = _chunk_rows(B, H, T)
     lse = [
@@ -888,14 +876,14 @@ def _math_backward(q, k, v, out, grad_out, lse) -> tuple[Tensor, Tensor, Tensor]
 
 def _attention_cpu(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
     check_packed(qkv, num_heads)
-    out, lse = _cpu_forward(*_split_packed(qkv, num_heads))
+    out, lse = _sdpa_forward(*_split_packed(qkv, num_heads))
     return _merge_heads(out), lse
 
 
 def _attention_backward_cpu(grad_out, qkv, out, lse, num_heads) -> Tensor:
     _check_packed_backward(grad_out, qkv, out, lse, num_heads)
     o, do = _heads(out, num_heads), _heads(grad_out, num_heads)
-    grads = _cpu_backward(*_split_packed(qkv, num_heads), o, do, lse)
+    grads = _math_backward(*_split_packed(qkv, num_heads), o, do, lse)
     B, C3, T = qkv.shape
     grad = grad_out.new_empty(B, C3, T)
     for g, slot in zip(grads, _split_packed(grad, num_heads), strict=True):
@@ -905,13 +893,13 @@ def _attention_backward_cpu(grad_out, qkv, out, lse, num_heads) -> Tensor:
 
 def _attention_bhtd_cpu(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     check_bhtd(q, k, v)
-    out, lse = _cpu_forward(q, k, v)
+    out, lse = _sdpa_forward(q, k, v)
     return out.contiguous(), lse
 
 
 def _attention_bhtd_backward_cpu(grad_out, q, k, v, out, lse):
     _check_bhtd_backward(grad_out, q, k, v, out, lse)
-    return tuple(g.contiguous() for g in _cpu_backward(q, k, v, out, grad_out, lse))
+    return _math_backward(q, k, v, out, grad_out, lse)
 
 
 # ------------------------------------------------------------------------------------------------
