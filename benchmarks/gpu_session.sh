@@ -39,7 +39,7 @@ ops | e2e)
         files=(benchmarks/test_bench_copy.py benchmarks/test_bench_e2e.py)
     fi
     python -m pytest "${files[@]}" --benchmark-only -q --benchmark-json="$OUT/$stage.json" \
-        --benchmark-columns=mean,min,stddev,rounds 2>&1 | tail -n 40 | tee "$OUT/$stage.txt"
+        --benchmark-columns=median,min,iqr,rounds 2>&1 | tail -n 40 | tee "$OUT/$stage.txt"
     rc=${PIPESTATUS[0]}
     python -m cmkernels.bench_report "$OUT/$stage.json" --out "$OUT/$stage"
     echo "commit measured: $commit" >>"$OUT/$stage.md"
