@@ -21,6 +21,7 @@ import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from conftest import TRITON_DEVICE, needs_triton, requires_cuda  # noqa: E402
 
 import cmkernels  # noqa: E402, F401
 from cmkernels.ops import attention, attention_bhtd, attention_bhtd_ref, attention_ref  # noqa: E402
@@ -28,14 +29,7 @@ from cmkernels.ops._registry import schema_of  # noqa: E402
 
 A = importlib.import_module("cmkernels.ops.attention")
 
-CUDA = torch.cuda.is_available()
-# Where the Triton launchers run: the GPU, or CPU tensors under the interpreter.
-TRITON_DEVICE = "cuda" if CUDA else ("cpu" if A._INTERPRET else None)
-needs_triton = pytest.mark.skipif(
-    TRITON_DEVICE is None or not A.HAS_TRITON,
-    reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before triton is imported",
-)
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+gpu = requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 5e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -364,6 +358,7 @@ def test_bad_inputs():
         torch.ops.cmkernels.attention_backward(out, qkv, out, lse.double(), 1)
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(not A.HAS_TRITON, reason="needs triton")
 def test_triton_bad_inputs():
     if TRITON_DEVICE is not None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_close_rule, rel_err
-from conftest import requires_cuda
+from conftest import TRITON_DEVICE, TRITON_MARKS, requires_cuda
 
 import cmkernels
 from cmkernels.ops import groupnorm_silu, groupnorm_silu_ref
@@ -27,6 +27,15 @@ IMPLS = {
     "triton": (groupnorm_silu_triton, groupnorm_silu_backward_triton),
     "fallback": (_forward_fallback, _backward_fallback),
 }
+# The Triton launchers run on TRITON_DEVICE (the GPU, or CPU tensors under the interpreter).
+IMPL_PARAMS = [
+    pytest.param(name, marks=TRITON_MARKS) if name == "triton" else name for name in IMPLS
+]
+
+
+def _device(impl: str) -> str:
+    return TRITON_DEVICE if impl == "triton" else "cpu"
+
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # (shape, groups): odd sizes, channels per group that are not powers of two (6), a group too
@@ -40,19 +49,20 @@ CASES = [
 ]
 
 
-def _inputs(shape, groups, dtype, layout, modulate, param_dtype=torch.float32):
+def _inputs(shape, groups, dtype, layout, modulate, param_dtype=torch.float32, device="cpu"):
+    """Random inputs, drawn on the CPU (the same values on every device), then moved."""
     N, C = shape[:2]
-    x = (torch.randn(shape) * 1.7 + 0.6).to(dtype)
+    x = (torch.randn(shape) * 1.7 + 0.6).to(dtype).to(device)
     if layout == "channels_last":
         if x.dim() != 4:
             pytest.skip("channels_last needs a 4-d tensor")
         x = x.to(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.cat([x, x], dim=-1)[..., ::2]  # a non-contiguous view with the same values
-    weight = (1 + 0.3 * torch.randn(C)).to(param_dtype)
-    bias = (0.2 * torch.randn(C)).to(param_dtype)
-    scale = (0.5 * torch.randn(N, C)).to(param_dtype) if modulate else None
-    shift = (0.5 * torch.randn(N, C)).to(param_dtype) if modulate else None
+    weight = (1 + 0.3 * torch.randn(C)).to(param_dtype).to(device)
+    bias = (0.2 * torch.randn(C)).to(param_dtype).to(device)
+    scale = (0.5 * torch.randn(N, C)).to(param_dtype).to(device) if modulate else None
+    shift = (0.5 * torch.randn(N, C)).to(param_dtype).to(device) if modulate else None
     return x, weight, bias, scale, shift
 
 
@@ -73,7 +83,7 @@ def _reference_with_grads(x, weight, bias, scale, shift, groups, activation, gra
     return y, [t.grad if t is not None else None for t in leaves]
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
@@ -82,9 +92,9 @@ def test_forward_and_backward_match_float64(impl, dtype, layout, case):
     fwd, bwd = IMPLS[impl]
     modulate = shape[1] != 8  # also cover the plain (no scale/shift) path
     activation = shape[1] != 12  # and the no-activation path
-    x, w, b, s, sh = _inputs(shape, groups, dtype, layout, modulate)
+    x, w, b, s, sh = _inputs(shape, groups, dtype, layout, modulate, device=_device(impl))
     y, mean, rstd = fwd(x, w, b, s, sh, groups, 1e-5, activation)
-    grad_y = torch.randn(shape).to(dtype)
+    grad_y = torch.randn(shape).to(dtype).to(x.device)
     ref, ref_grads = _reference_with_grads(x, w, b, s, sh, groups, activation, grad_y)
 
     assert y.dtype == dtype and y.shape == x.shape
@@ -109,11 +119,13 @@ def test_forward_and_backward_match_float64(impl, dtype, layout, case):
         assert rel_err(got, want) < tol, f"{name}: relative error {rel_err(got, want):.3g}"
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
 def test_half_parameters_and_half_modulation(impl):
     # weight/bias/scale/shift may share x's dtype instead of float32.
     fwd, bwd = IMPLS[impl]
-    x, w, b, s, sh = _inputs((2, 16, 6, 5), 4, torch.bfloat16, "contiguous", True, torch.bfloat16)
+    x, w, b, s, sh = _inputs(
+        (2, 16, 6, 5), 4, torch.bfloat16, "contiguous", True, torch.bfloat16, _device(impl)
+    )
     y, mean, rstd = fwd(x, w, b, s, sh, 4, 1e-5, True)
     ref = groupnorm_silu_ref(*(t.double() for t in (x, w, b, s, sh)), groups=4)
     assert rel_err(y, ref) < 2e-2
@@ -194,9 +206,11 @@ def test_extension_loaded_and_build_info():
         (lambda a: a.update(w=a["w"].to("meta")), ValueError, "weight is on"),
     ],
 )
-@pytest.mark.parametrize("impl", ["cpu", "triton", "public"])
+@pytest.mark.parametrize("impl", ["cpu", pytest.param("triton", marks=TRITON_MARKS), "public"])
 def test_bad_input_raises_clear_error(mutate, error, match, impl):
-    x, w, b, s, sh = _inputs((2, 8, 4, 4), 4, torch.float32, "contiguous", True)
+    x, w, b, s, sh = _inputs(
+        (2, 8, 4, 4), 4, torch.float32, "contiguous", True, device=_device(impl)
+    )
     a = dict(x=x, w=w, b=b, s=s, sh=sh, groups=4)
     mutate(a)
     args = (a["x"], a["w"], a["b"], a["s"], a["sh"], a["groups"], 1e-5, True)
@@ -209,6 +223,33 @@ def test_bad_input_raises_clear_error(mutate, error, match, impl):
     # The C++ kernel reports through TORCH_CHECK (a RuntimeError subclass carrying the same text).
     with pytest.raises((error, RuntimeError), match=match):
         fn()
+
+
+@pytest.mark.triton
+def test_triton_launcher_device_and_dtype_checks():
+    x, w, b, s, sh = _inputs((2, 8, 4, 4), 4, torch.float32, "contiguous", True)
+    if TRITON_DEVICE != "cpu":  # without the interpreter, CPU tensors are refused
+        with pytest.raises(ValueError, match="take CUDA tensors"):
+            groupnorm_silu_triton(x, w, b, s, sh, 4, 1e-5, True)
+    if TRITON_DEVICE is not None:
+        args = [t.to(TRITON_DEVICE) for t in (x.double(), w.double(), b.double(), s, sh)]
+        with pytest.raises(TypeError, match="float64 is served by the CPU kernels only"):
+            groupnorm_silu_triton(*args, 4, 1e-5, True)
+
+
+@requires_cuda
+def test_cuda_launch_runs_on_the_tensors_device():
+    # The launcher guards the device: a tensor on the last GPU runs there, whichever is current.
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    x, w, b, s, sh = _inputs((2, 64, 8, 8), 32, torch.float32, "contiguous", True, device=dev)
+    with torch.cuda.device(0):
+        y, mean, rstd = groupnorm_silu_triton(x, w, b, s, sh, 32, 1e-5, True)
+    assert y.device == dev and mean.device == dev
+    ref = groupnorm_silu_ref(*(t.double() for t in (x, w, b, s, sh)), groups=32)
+    assert rel_err(y, ref) < 1e-5
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match="is on|one device"):
+            groupnorm_silu_triton(x, w.to("cuda:0"), b, s, sh, 32, 1e-5, True)
 
 
 @requires_cuda

@@ -27,8 +27,9 @@ def _op_exists(name: str) -> bool:
 def define_op(
     name: str,
     schema: str,
-    fallback: Callable,
+    fallback: Callable | None = None,
     fallback_devices: Iterable[str] = ("cpu",),
+    kernels: dict[str, Callable] | None = None,
 ):
     """Return ``torch.ops.cmkernels.<name>.default``, declaring it when the extension is absent.
 
@@ -36,14 +37,26 @@ def define_op(
     schema:           its schema without the name, e.g. ``"(Tensor x) -> Tensor"``.
     fallback:         implementation used when the compiled kernels are missing.
     fallback_devices: device types the fallback serves in that case.
+    kernels:          Python kernels registered in every case ({device type: function}), for
+                      devices the compiled extension does not serve (e.g. the Triton launchers).
+
+    Each (op, device type) gets exactly one Python kernel: torch 2.11 refuses a second
+    registration of the same pair, so a device may not appear both in ``kernels`` and among the
+    fallback devices that are used.
     """
-    if not (HAS_EXTENSION and _op_exists(name)):
-        if not _op_exists(name):
-            lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-            lib.define(name + schema)
-            _LIBRARIES.append(lib)
+    kernels = dict(kernels or {})
+    use_fallback = fallback is not None and not (HAS_EXTENSION and _op_exists(name))
+    if not _op_exists(name):
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        lib.define(name + schema)
+        _LIBRARIES.append(lib)
+    if use_fallback:
         for device in fallback_devices:
-            torch.library.register_kernel(f"{NAMESPACE}::{name}", device, fallback)
+            if device in kernels:
+                raise ValueError(f"{name}: {device} has both a kernel and a fallback")
+            kernels[device] = fallback
+    for device, fn in kernels.items():
+        torch.library.register_kernel(f"{NAMESPACE}::{name}", device, fn)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 

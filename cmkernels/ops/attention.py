@@ -32,7 +32,6 @@ scale is 1/sqrt(d).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -41,14 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmkernels.ops._registry import define_op
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    HAS_TRITON = False
+from cmkernels.ops._triton import HAS_TRITON, INTERPRET, check_launch, device_guard, tl, triton
 
 SCHEMA = "(Tensor qkv, int num_heads) -> (Tensor, Tensor)"
 BACKWARD_SCHEMA = "(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads) -> Tensor"
@@ -651,33 +643,16 @@ if HAS_TRITON:
         ]), **_TUNE,
     )(_attn_bwd_dq_kernel)  # fmt: skip
 
-    # Interpreted when TRITON_INTERPRET=1 was set before triton was imported (CPU tensors then).
-    _INTERPRET = not isinstance(_attn_fwd_kernel, triton.runtime.JITFunction)
-else:  # pragma: no cover
-    _INTERPRET = False
+
+_INTERPRET = INTERPRET  # TRITON_INTERPRET=1 was set before triton was imported: CPU tensors then
 
 
 def _autotune(x: Tensor) -> bool:
     return x.is_cuda and not _INTERPRET and os.environ.get("CMKERNELS_AUTOTUNE", "1") != "0"
 
 
-def _check_triton(op: str, x: Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError(f"{op}: triton is not installed")
-    if not (x.is_cuda or (_INTERPRET and x.device.type == "cpu")):
-        raise ValueError(
-            f"{op}: the Triton kernels take CUDA tensors (CPU tensors only under "
-            f"TRITON_INTERPRET=1), got a tensor on {x.device}"
-        )
-    if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(
-            f"{op}: the Triton kernels take float16, bfloat16 or float32, got {x.dtype} "
-            "(float64 is served by the CPU kernels only)"
-        )
-
-
-def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+def _check_triton(op: str, *tensors: Tensor) -> None:
+    check_launch(op, tensors[0], _KERNEL_DTYPES, *tensors[1:])
 
 
 def _packed_strides(x: Tensor, d: int) -> tuple[int, int, int, int]:
@@ -752,7 +727,7 @@ def attention_triton(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
         return out, lse
     q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
     strides = tuple(_packed_strides(x, d) for x in (q, k, v, out))
-    with _device_guard(qkv):
+    with device_guard(qkv):
         _launch_forward(q, k, v, out, lse, strides, B, H, T, d)
     return out, lse
 
@@ -762,7 +737,7 @@ def attention_backward_triton(
 ) -> Tensor:
     """Packed backward: grad_qkv [B, 3*H*d, T] (dq, dk, dv written straight into their channels)."""
     d = _check_packed_backward(grad_out, qkv, out, lse, num_heads)
-    _check_triton("attention_backward", qkv)
+    _check_triton("attention_backward", qkv, grad_out, out, lse)
     B, C3, T = qkv.shape
     C, H = C3 // 3, num_heads
     grad_qkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
@@ -772,7 +747,7 @@ def attention_backward_triton(
     dq, dk, dv = grad_qkv[:, :C], grad_qkv[:, C : 2 * C], grad_qkv[:, 2 * C :]
     views = (q, k, v, out, grad_out, dq, dk, dv)
     strides = tuple(_packed_strides(x, d) for x in views)
-    with _device_guard(qkv):
+    with device_guard(qkv):
         _launch_backward(q, k, v, out, grad_out, lse.contiguous(), dq, dk, dv, strides, B, H, T, d)
     return grad_qkv
 
@@ -780,14 +755,14 @@ def attention_backward_triton(
 def attention_bhtd_triton(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Split forward: q, k, v [B, H, T, d] (any strides) -> (out [B, H, T, d], lse [B, H, T])."""
     check_bhtd(q, k, v)
-    _check_triton("attention_bhtd", q)
+    _check_triton("attention_bhtd", q, k, v)
     B, H, T, d = q.shape
     out = torch.empty(B, H, T, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     strides = tuple(x.stride() for x in (q, k, v, out))
-    with _device_guard(q):
+    with device_guard(q):
         _launch_forward(q, k, v, out, lse, strides, B, H, T, d)
     return out, lse
 
@@ -797,14 +772,14 @@ def attention_bhtd_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Split backward: (dq, dk, dv), each [B, H, T, d] contiguous."""
     _check_bhtd_backward(grad_out, q, k, v, out, lse)
-    _check_triton("attention_bhtd_backward", q)
+    _check_triton("attention_bhtd_backward", q, k, v, out, grad_out, lse)
     B, H, T, d = q.shape
     dq, dk, dv = (torch.empty(B, H, T, d, device=q.device, dtype=q.dtype) for _ in range(3))
     if dq.numel() == 0:
         return dq, dk, dv
     views = (q, k, v, out, grad_out, dq, dk, dv)
     strides = tuple(x.stride() for x in views)
-    with _device_guard(q):
+    with device_guard(q):
         _launch_backward(q, k, v, out, grad_out, lse.contiguous(), dq, dk, dv, strides, B, H, T, d)
     return dq, dk, dv
 
@@ -903,27 +878,28 @@ def _attention_bhtd_backward_cpu(grad_out, q, k, v, out, lse):
 
 
 # ------------------------------------------------------------------------------------------------
-# Registration. define_op declares each op from Python when the compiled extension is missing and
-# then registers the CPU kernel through its fallback. The extension declares the schemas but holds
-# no attention kernels, so the CPU kernels are registered here in every case (re-registering over
-# define_op's fallback is harmless: the same function).
+# Registration. The extension declares the schemas but holds no attention kernels: the CPU
+# kernels (and, with triton, the CUDA ones) are registered here whether or not it is built.
 
-_forward_op = define_op("attention", SCHEMA, _attention_cpu)
-_backward_op = define_op("attention_backward", BACKWARD_SCHEMA, _attention_backward_cpu)
-_bhtd_op = define_op("attention_bhtd", BHTD_SCHEMA, _attention_bhtd_cpu)
-_bhtd_backward_op = define_op(
-    "attention_bhtd_backward", BHTD_BACKWARD_SCHEMA, _attention_bhtd_backward_cpu
+
+def _kernels(cpu, cuda) -> dict:
+    return {"cpu": cpu, "cuda": cuda} if HAS_TRITON else {"cpu": cpu}
+
+
+_forward_op = define_op("attention", SCHEMA, kernels=_kernels(_attention_cpu, attention_triton))
+_backward_op = define_op(
+    "attention_backward",
+    BACKWARD_SCHEMA,
+    kernels=_kernels(_attention_backward_cpu, attention_backward_triton),
 )
-
-for _name, _cpu, _cuda in (
-    ("attention", _attention_cpu, attention_triton),
-    ("attention_backward", _attention_backward_cpu, attention_backward_triton),
-    ("attention_bhtd", _attention_bhtd_cpu, attention_bhtd_triton),
-    ("attention_bhtd_backward", _attention_bhtd_backward_cpu, attention_bhtd_backward_triton),
-):
-    torch.library.register_kernel(f"cmkernels::{_name}", "cpu", _cpu)
-    if HAS_TRITON:
-        torch.library.register_kernel(f"cmkernels::{_name}", "cuda", _cuda)
+_bhtd_op = define_op(
+    "attention_bhtd", BHTD_SCHEMA, kernels=_kernels(_attention_bhtd_cpu, attention_bhtd_triton)
+)
+_bhtd_backward_op = define_op(
+    "attention_bhtd_backward",
+    BHTD_BACKWARD_SCHEMA,
+    kernels=_kernels(_attention_bhtd_backward_cpu, attention_bhtd_backward_triton),
+)
 
 
 @torch.library.register_fake("cmkernels::attention")

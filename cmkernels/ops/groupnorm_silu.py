@@ -26,14 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmkernels.ops._registry import define_op
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    HAS_TRITON = False
+from cmkernels.ops._triton import HAS_TRITON, check_launch, device_guard, tl, triton
 
 SCHEMA = (
     "(Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, "
@@ -46,6 +39,7 @@ BACKWARD_SCHEMA = (
 )
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64: CPU kernels only
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,6 +525,12 @@ def groupnorm_silu_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Triton forward: returns (y, mean [N, G] fp32, rstd [N, G] fp32)."""
     check_inputs(x, weight, bias, scale, shift, groups)
+    check_launch("groupnorm_silu", x, _KERNEL_DTYPES, weight, bias, scale, shift)
+    with device_guard(x):
+        return _forward_triton(x, weight, bias, scale, shift, groups, eps, activation)
+
+
+def _forward_triton(x, weight, bias, scale, shift, groups, eps, activation):
     xk, (sn, sc, shw), fmt, HW = _views(x)
     N, C = xk.shape[:2]
     G = groups
@@ -584,6 +584,16 @@ def groupnorm_silu_backward_triton(
     check_inputs(x, weight, bias, scale, shift, groups)
     if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
         raise ValueError("groupnorm_silu_backward: grad_y must match x in shape and dtype")
+    check_launch(
+        "groupnorm_silu_backward", x, _KERNEL_DTYPES, grad_y, weight, bias, scale, shift, mean, rstd
+    )
+    with device_guard(x):
+        return _backward_triton(
+            grad_y, x, weight, bias, scale, shift, mean, rstd, groups, activation
+        )
+
+
+def _backward_triton(grad_y, x, weight, bias, scale, shift, mean, rstd, groups, activation):
     xk, (sn, sc, shw), fmt, HW = _views(x)
     dy = grad_y.contiguous(memory_format=fmt)
     N, C = xk.shape[:2]
@@ -678,14 +688,18 @@ def _backward_fallback(grad_y, x, weight, bias, scale, shift, mean, rstd, groups
     )
 
 
-_forward_op = define_op("groupnorm_silu", SCHEMA, _forward_fallback)
-_backward_op = define_op("groupnorm_silu_backward", BACKWARD_SCHEMA, _backward_fallback)
-
-if HAS_TRITON:
-    torch.library.register_kernel("cmkernels::groupnorm_silu", "cuda", groupnorm_silu_triton)
-    torch.library.register_kernel(
-        "cmkernels::groupnorm_silu_backward", "cuda", groupnorm_silu_backward_triton
-    )
+_forward_op = define_op(
+    "groupnorm_silu",
+    SCHEMA,
+    _forward_fallback,
+    kernels={"cuda": groupnorm_silu_triton} if HAS_TRITON else None,
+)
+_backward_op = define_op(
+    "groupnorm_silu_backward",
+    BACKWARD_SCHEMA,
+    _backward_fallback,
+    kernels={"cuda": groupnorm_silu_backward_triton} if HAS_TRITON else None,
+)
 
 
 @torch.library.register_fake("cmkernels::groupnorm_silu")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds and tests the project on a second software stack: by default torch 2.11.0 / triton 3.6.0,
+# what the lent GPU machine runs (CI's main stack is newer). The tree is copied to a temporary
+# folder (its build and the compiled module must not mix with the main stack's), the extension is
+# built there (C++ and CUDA for sm_90, as on the GPU machine), and the tests whose behaviour
+# differs between versions (the Triton kernels under the interpreter, the op registration, the
+# no-extension import, torch.compile) is covered by running the whole test suite there.
+#
+#   scripts/check_stack.sh                       # fresh venv with torch==2.11.0 triton==3.6.0
+#   STACK_VENV=/path/venv scripts/check_stack.sh # reuse a venv that already has that torch
+#   STACK_TORCH=2.11.0 STACK_TRITON=3.6.0 ...    # another pair
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+TORCH_V=${STACK_TORCH:-2.11.0}
+TRITON_V=${STACK_TRITON:-3.6.0}
+WORK=$(mktemp -d /tmp/cmkernels-stack.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+if [ -n "${STACK_VENV:-}" ]; then
+    VENV=$STACK_VENV
+else
+    VENV=$WORK/venv
+    echo "== venv with torch==$TORCH_V triton==$TRITON_V: $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q "torch==$TORCH_V" "triton==$TRITON_V" numpy ninja pybind11 \
+        setuptools wheel
+fi
+PY=$VENV/bin/python
+"$PY" -c "import torch, triton; print('stack: torch', torch.__version__, 'triton', triton.__version__)"
+
+echo "== copy of the tree: $WORK/tree"
+mkdir -p "$WORK/tree"
+git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$WORK/tree"
+cd "$WORK/tree"
+
+echo "== build (MAX_JOBS=${MAX_JOBS:-2}, sm_90)"
+LOG=$WORK/build.log
+if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
+    "$VENV/bin/pip" install --no-build-isolation -e ".[test]" "torch==$TORCH_V" "triton==$TRITON_V" \
+    >"$LOG" 2>&1; then
+    tail -n 60 "$LOG"
+    echo "build on torch $TORCH_V failed"
+    exit 1
+fi
+"$PY" -c "import cmkernels, json; print(json.dumps(cmkernels.build_info()))"
+
+echo "== tests (the whole suite) on torch $TORCH_V / triton $TRITON_V"
+"$PY" -m pytest -q -p no:cacheprovider
+echo "== stack torch $TORCH_V / triton $TRITON_V: OK (tree of $ROOT)"
