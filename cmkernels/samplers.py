@@ -13,9 +13,13 @@ from itertools import pairwise
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from cmkernels import ops
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # progress bars are optional (a bare GPU machine may lack tqdm)
+    tqdm = None
 
 # Same defaults as cmkernels.diffusion (kept here so the samplers import without the network code).
 SIGMA_MIN = 0.002
@@ -138,7 +142,7 @@ def _per_sample(sigma: float, x: Tensor) -> Tensor:
 
 
 def _progress(items: list, enabled: bool, desc: str):
-    return tqdm(items, desc=desc, leave=False) if enabled else items
+    return tqdm(items, desc=desc, leave=False) if enabled and tqdm is not None else items
 
 
 # ----------------------------------------------------------------------------------------------

@@ -357,7 +357,7 @@ EmaTables ema_tables(const EmaProblem& p, at::TensorList emas) {
 
 // The last tables uploaded per device. A hit (same bytes, same stream) skips the upload. Tables
 // read by a captured CUDA graph are never freed: the graph's replays read them (and a graph that
-// captured the upload itself replays the copy from the pinned host buffer, so that is kept too).
+// captured the upload itself replays the copy from its pinned host buffer, so that is kept too).
 struct EmaTableCache {
   std::vector<uint8_t> blob;
   at::Tensor host_blob, device_blob;
@@ -367,6 +367,29 @@ struct EmaTableCache {
 std::mutex ema_cache_mutex;
 std::map<c10::DeviceIndex, EmaTableCache> ema_cache;
 std::vector<at::Tensor> ema_captured_tables;
+std::vector<void*> ema_captured_host_buffers;  // pinned, read by captured copy nodes: never freed
+
+// Upload during a stream capture (a cache miss inside torch.cuda.graph). torch's pinned host
+// allocator records events on the current stream, which a capture forbids, so the host buffer
+// comes straight from cudaHostAlloc (in relaxed capture mode, which permits the call) and the
+// copy is a cudaMemcpyAsync that the graph records as a node. The device buffer comes from the
+// graph's private memory pool.
+at::Tensor ema_upload_captured(const std::vector<uint8_t>& blob, const at::Device& device,
+                               cudaStream_t stream) {
+  const size_t n = blob.size();
+  void* host = nullptr;
+  {
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed{cudaStreamCaptureModeRelaxed};
+    C10_CUDA_CHECK(cudaHostAlloc(&host, n, cudaHostAllocDefault));
+  }
+  ema_captured_host_buffers.push_back(host);
+  std::memcpy(host, blob.data(), n);
+  at::Tensor dev = at::empty({static_cast<int64_t>(n)},
+                             at::TensorOptions().dtype(at::kByte).device(device));
+  C10_CUDA_CHECK(cudaMemcpyAsync(dev.mutable_data_ptr<uint8_t>(), host, n,
+                                 cudaMemcpyHostToDevice, stream));
+  return dev;
+}
 
 // Returns the device copy of the tables (a reference that keeps it alive through the launch).
 at::Tensor ema_device_tables(const EmaTables& tables, const at::Device& device,
@@ -377,14 +400,19 @@ at::Tensor ema_device_tables(const EmaTables& tables, const at::Device& device,
   EmaTableCache& entry = ema_cache[device.index()];
   if (!(entry.device_blob.defined() && entry.stream == stream && entry.blob == tables.blob)) {
     if (entry.captured) {
-      ema_captured_tables.push_back(entry.host_blob);
+      if (entry.host_blob.defined()) ema_captured_tables.push_back(entry.host_blob);
       ema_captured_tables.push_back(entry.device_blob);
     }
-    const int64_t n = static_cast<int64_t>(tables.blob.size());
-    entry.host_blob = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(entry.host_blob.mutable_data_ptr<uint8_t>(), tables.blob.data(), n);
-    entry.device_blob = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
-    entry.device_blob.copy_(entry.host_blob, /*non_blocking=*/true);
+    if (capturing) {
+      entry.host_blob = at::Tensor();
+      entry.device_blob = ema_upload_captured(tables.blob, device, stream);
+    } else {
+      const int64_t n = static_cast<int64_t>(tables.blob.size());
+      entry.host_blob = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      std::memcpy(entry.host_blob.mutable_data_ptr<uint8_t>(), tables.blob.data(), n);
+      entry.device_blob = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+      entry.device_blob.copy_(entry.host_blob, /*non_blocking=*/true);
+    }
     entry.blob = tables.blob;
     entry.stream = stream;
     entry.captured = false;

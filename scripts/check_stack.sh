@@ -32,6 +32,8 @@ PY=$VENV/bin/python
 echo "== copy of the tree: $WORK/tree"
 mkdir -p "$WORK/tree"
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$WORK/tree"
+# The official-network reference data sits beside the checkout (../shared) or inside it.
+[ -d "$ROOT/../shared" ] && ln -s "$(cd "$ROOT/../shared" && pwd)" "$WORK/shared"
 cd "$WORK/tree"
 
 echo "== build (MAX_JOBS=${MAX_JOBS:-2}, sm_90)"

@@ -382,3 +382,23 @@ def test_cuda_table_cache_and_graph_capture():
     for a, b in zip(_flat(emas), _flat(ref)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.library.opcheck(OP, (params[:20], _flat([c[:20] for c in emas]), RATES[3]))
+
+
+@requires_cuda
+def test_cuda_graph_capture_of_a_table_never_seen():
+    # A capture whose tensors miss the table cache uploads the table inside the capture (no
+    # warm-up call): the copy becomes part of the graph and every replay is right.
+    params = _params([torch.float32, torch.bfloat16], [(37,), (5, 7), (1000,)], device="cuda")
+    emas = _copies(params, 3)
+    ref = copy.deepcopy(emas)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema_update_(params, emas, RATES[3])
+    for _ in range(3):
+        for p in params:
+            p.add_(0.5)
+        graph.replay()
+        ema_update_ref_(params, ref, RATES[3])
+    torch.cuda.synchronize()
+    for a, b in zip(_flat(emas), _flat(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
