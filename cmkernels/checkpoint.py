@@ -6,6 +6,7 @@ Our format (written by the trainer) is a dict of tensors and plain values:
   sigma_data, sigma_min, sigma_max, c_noise), model (state_dict), emas {rate: state_dict}, plus
   trainer state (target, optimizer, step, config, rng) that sampling ignores.
 Official files (cd_imagenet64_l2.pt, edm_bedroom256_ema.pt, ...) are plain UNet state_dicts.
+diffusers directories (UNet2DModel / ConsistencyModelPipeline) load through diffusers_format.
 Everything loads with torch.load(weights_only=True) (or safetensors): no arbitrary unpickling.
 """
 
@@ -130,7 +131,21 @@ def load_denoiser(
     preset:           for official files: "imagenet64" | "lsun256" (required for them)
     parameterization: override "cm"/"edm" (official edm_*.pt files are EDM teachers)
     weights:          "ema" (the first evaluation EMA, if any) or "model"
+
+    A diffusers directory (ConsistencyModelPipeline or UNet2DModel) or diffusers .safetensors
+    file loads through cmkernels.diffusers_format.load_diffusers (no preset needed).
     """
+    from cmkernels import diffusers_format  # imported here: it imports this module
+
+    if diffusers_format.is_diffusers_source(path):
+        if preset is not None:
+            raise diffusers_format.DiffusersFormatError(
+                f"{path} is in the diffusers layout: its config.json gives the architecture "
+                "(no preset)"
+            )
+        return diffusers_format.load_diffusers(
+            path, parameterization=parameterization, device=device
+        ).denoiser
     state = load_file(path)
     if state.get("format") == "cmkernels":
         cfg = UNetConfig(**state["unet_config"])

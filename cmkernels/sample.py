@@ -5,6 +5,10 @@
         --sampler multistep --ts 0,22,39 --steps 40 --class-label 207 --out samples
     python -m cmkernels.sample --checkpoint ckpt.pt --task inpaint --image photo.png \\
         --mask mask.png --out inpainted
+    python -m cmkernels.sample --checkpoint diffusers-cd_imagenet64_l2/ --ts 0,22,39
+
+--checkpoint also takes a diffusers directory (ConsistencyModelPipeline or UNet2DModel); its
+scheduler_config.json, if any, sets the defaults of --steps, rho and clamping.
 
 Writes DIR/samples.png (a grid of the first images) and DIR/samples.npz (uint8 images NHWC under
 "images", plus "labels" for class-conditional models); editing tasks also write DIR/reference.png.
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="PATH",
-        help="a cmkernels checkpoint, or an official state_dict .pt (see --preset)",
+        help="a cmkernels checkpoint, an official state_dict .pt (see --preset), or a "
+        "diffusers ConsistencyModelPipeline / UNet2DModel directory",
     )
     p.add_argument(
         "--preset",
@@ -88,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         metavar="N",
-        help="points of the Karras grid: --ts indexes it (default 40); heun/euler "
-        "steps (default 18)",
+        help="points of the Karras grid: --ts indexes it (default 40, or a diffusers "
+        "scheduler's num_train_timesteps); heun/euler steps (default 18)",
     )
     p.add_argument(
         "--ts",
@@ -194,12 +199,28 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--device cuda, but no CUDA device is available")
 
 
-def load_model(args: argparse.Namespace):
-    """The Denoiser of --checkpoint on --device, in eval mode; a user-facing error on failure."""
-    from cmkernels.checkpoint import load_denoiser  # Imported here: it pulls in the UNet.
+def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
+    """(Denoiser of --checkpoint on --device in eval mode, SchedulerSettings: the sampler's
+    defaults); a user-facing error on failure (exit status 2 for a diffusers directory)."""
+    # Imported here: they pull in the UNet.
+    from cmkernels import diffusers_format
+    from cmkernels.checkpoint import load_denoiser
 
+    if diffusers_format.is_diffusers_source(args.checkpoint):
+        try:
+            if args.preset is not None:
+                raise ValueError("--preset applies to official .pt files, not the diffusers layout")
+            loaded = diffusers_format.load_diffusers(
+                args.checkpoint, parameterization=args.parameterization, device=args.device
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            message = f"cannot load {args.checkpoint}: {e}"
+            if parser is None:
+                raise SystemExit(f"error: {message}") from None
+            parser.error(message)
+        return loaded.denoiser, loaded.scheduler
     try:
-        return load_denoiser(
+        denoiser = load_denoiser(
             args.checkpoint,
             preset=args.preset,
             parameterization=args.parameterization,
@@ -208,18 +229,22 @@ def load_model(args: argparse.Namespace):
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SystemExit(f"error: cannot load {args.checkpoint}: {e}") from None
+    return denoiser, diffusers_format.SchedulerSettings()
 
 
-def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: float):
-    """The noise levels of the run: --sigmas, --ts of the --steps grid, or the task's default."""
+def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: float,
+                grid_points: int = 40, rho: float = samplers.RHO):  # fmt: skip
+    """The noise levels of the run: --sigmas, --ts of the --steps grid, or the task's default.
+    grid_points / rho: the Karras grid --ts indexes unless --steps is given (a diffusers
+    scheduler's num_train_timesteps and rho)."""
     if args.task in ("denoise", "interpolate") or sampler == "onestep":
         return None
     try:
         if args.sigmas is not None:
             return samplers.check_sigmas(args.sigmas)
-        steps = args.steps or (18 if sampler in ("heun", "euler") else 40)
+        steps = args.steps or (18 if sampler in ("heun", "euler") else grid_points)
         if args.ts is not None:
-            return samplers.ts_to_sigmas(args.ts, steps, sigma_min, sigma_max).tolist()
+            return samplers.ts_to_sigmas(args.ts, steps, sigma_min, sigma_max, rho).tolist()
         if args.task == "stroke":
             return list(editing.STROKE_SIGMAS)
         if sampler == "multistep":
@@ -227,7 +252,7 @@ def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: 
         if steps < 2:
             raise ValueError("--steps must be at least 2 for a grid of noise levels")
         # heun/euler: the Karras grid of --steps points; masked edits: every point of it.
-        return samplers.ts_to_sigmas(range(steps), steps, sigma_min, sigma_max).tolist()
+        return samplers.ts_to_sigmas(range(steps), steps, sigma_min, sigma_max, rho).tolist()
     except ValueError as e:
         parser.error(str(e))
 
@@ -266,10 +291,11 @@ def run_batch(args, denoiser, sampler, sigmas, inputs: Inputs, noise, labels, in
         if args.graphed is not None:  # the same draws, in the same order, as sample_multistep
             taus = args.graphed.sigmas
             return args.graphed(z, [noise() for _ in taus[1:]], labels)
+        clamp = args.scheduler.clip_denoised
         if sampler == "onestep":
-            return samplers.sample_onestep(denoiser, z, smax, labels)
+            return samplers.sample_onestep(denoiser, z, smax, labels, clamp=clamp)
         if sampler == "multistep":
-            return samplers.sample_multistep(denoiser, z, sigmas, noise, **kw)
+            return samplers.sample_multistep(denoiser, z, sigmas, noise, clamp=clamp, **kw)
         sample = samplers.sample_heun if sampler == "heun" else samplers.sample_euler
         return sample(denoiser, z, sigmas, labels)
     if task == "interpolate":
@@ -297,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     check_args(parser, args)
     device = torch.device(args.device)
 
-    denoiser = load_model(args)
+    denoiser, args.scheduler = load_model(args, parser)
     if args.channels_last:  # NHWC weights make every convolution produce NHWC activations
         denoiser = denoiser.to(memory_format=torch.channels_last)
     config = denoiser.net.config
@@ -316,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
             if (args.ts or args.sigmas)
             else "onestep"
         )
-    sigmas = time_points(parser, args, sampler, denoiser.sigma_min, denoiser.sigma_max)
+    grid = (args.scheduler.num_train_timesteps, args.scheduler.rho)  # --ts grid defaults
+    sigmas = time_points(parser, args, sampler, denoiser.sigma_min, denoiser.sigma_max, *grid)
     inputs = load_inputs(parser, args, channels, size, device)
     args.graphed = None
     if args.cuda_graph:
@@ -330,8 +357,9 @@ def main(argv: list[str] | None = None) -> None:
 
         taus = [denoiser.sigma_max] if sampler == "onestep" else samplers.consistency_time_points(
             sigmas, denoiser.sigma_min, denoiser.sigma_max)  # fmt: skip
+        clamp = args.scheduler.clip_denoised
         args.graphed = GraphedConsistencySampler(
-            denoiser, (channels, size, size), taus, denoiser.sigma_min
+            denoiser, (channels, size, size), taus, denoiser.sigma_min, clamp=clamp
         )
 
     autocast = contextlib.nullcontext()
