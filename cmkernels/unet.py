@@ -2,8 +2,16 @@
 
 Module names and tensor shapes equal the official ones (guided-diffusion's UNetModel), so a released
 state_dict loads with `load_state_dict(strict=True)`. The GroupNorm(+scale/shift)+SiLU sites call
-`groupnorm_silu` and attention calls one entry point on the packed qkv tensor; `config.ops` picks
-the fused ops ("kernels") or their pure-PyTorch references ("reference"), with the same weights.
+`groupnorm_silu` and attention calls one entry point on the packed qkv tensor; `config.ops` picks,
+with the same weights:
+
+- "kernels":   the fused ops (cmkernels.ops);
+- "reference": their pure-PyTorch references, which compute as the official code does (GroupNorm in
+               float32, T x T einsum attention with a float32 softmax);
+- "eager":     what a user writes in plain PyTorch today (`groupnorm_silu_eager`,
+               `attention_eager`): F.group_norm + scale/shift + F.silu in the input dtype, and
+               F.scaled_dot_product_attention on views of the packed qkv. The benchmarks' eager
+               and torch.compile baselines.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from cmkernels import ops as _ops
 
 GROUPS = 32  # GroupNorm groups of every norm layer
 NORM_EPS = 1e-5
+OPS_KINDS = ("kernels", "reference", "eager")
 
 
 @dataclass
@@ -37,13 +46,13 @@ class UNetConfig:
     resblock_updown: bool = True  # resample with ResBlocks instead of (strided) convs
     num_classes: int | None = 1000  # class-conditional when set
     dropout: float = 0.0
-    ops: str = "kernels"  # "kernels" | "reference"
+    ops: str = "kernels"  # "kernels" | "reference" | "eager" (see the module docstring)
 
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
-        if self.ops not in ("kernels", "reference"):
-            raise ValueError(f"ops must be 'kernels' or 'reference', got {self.ops!r}")
+        if self.ops not in OPS_KINDS:
+            raise ValueError(f"ops must be one of {OPS_KINDS}, got {self.ops!r}")
         for m in self.channel_mult:
             if (m * self.model_channels) % GROUPS:
                 raise ValueError(
@@ -153,6 +162,37 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def groupnorm_silu_eager(
+    x: Tensor,  # (N, C, *spatial)
+    weight: Tensor,  # (C,)
+    bias: Tensor,  # (C,)
+    scale: Tensor | None = None,  # (N, C)
+    shift: Tensor | None = None,  # (N, C)
+    *,
+    groups: int = GROUPS,
+    eps: float = NORM_EPS,
+    activation: bool = True,
+) -> Tensor:
+    """silu(GN(x) * (1 + scale) + shift) as plain PyTorch, in x's dtype (no float32 upcast)."""
+    h = F.group_norm(x, groups, weight, bias, eps)
+    bcast = x.shape[:2] + (1,) * (x.dim() - 2)
+    if scale is not None:
+        h = h * (1 + scale.reshape(bcast))
+    if shift is not None:
+        h = h + shift.reshape(bcast)
+    return F.silu(h) if activation else h
+
+
+def attention_eager(qkv: Tensor, num_heads: int) -> Tensor:
+    """Self-attention on the packed qkv [B, 3*H*d, T] (three, heads, head_dim) through
+    F.scaled_dot_product_attention on strided (B, H, T, d) views; returns [B, H*d, T]."""
+    B, C3, T = qkv.shape
+    d = C3 // (3 * num_heads)
+    q, k, v = qkv.reshape(B, 3, num_heads, d, T).transpose(-1, -2).unbind(1)  # (B, H, T, d)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d)
+    return out.transpose(-1, -2).reshape(B, num_heads * d, T)
+
+
 class _Ops:
     """Resolves the op implementations at call time (so later replacements are picked up)."""
 
@@ -160,12 +200,20 @@ class _Ops:
         self.config = config
 
     def gn(self, x, norm: nn.GroupNorm, scale=None, shift=None, activation=True):
-        fn = _ops.groupnorm_silu if self.config.ops == "kernels" else _ops.groupnorm_silu_ref
+        kind = self.config.ops
+        if kind == "kernels":
+            fn = _ops.groupnorm_silu
+        else:
+            fn = _ops.groupnorm_silu_ref if kind == "reference" else groupnorm_silu_eager
         return fn(x, norm.weight, norm.bias, scale, shift, groups=norm.num_groups, eps=norm.eps,
                   activation=activation)  # fmt: skip
 
     def attention(self, qkv, num_heads):
-        fn = _ops.attention if self.config.ops == "kernels" else _ops.attention_ref
+        kind = self.config.ops
+        if kind == "kernels":
+            fn = _ops.attention
+        else:
+            fn = _ops.attention_ref if kind == "reference" else attention_eager
         return fn(qkv, num_heads)
 
 
@@ -310,8 +358,8 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[2].bias)
 
     def set_ops(self, which: str) -> UNet:
-        if which not in ("kernels", "reference"):
-            raise ValueError(f"ops must be 'kernels' or 'reference', got {which!r}")
+        if which not in OPS_KINDS:
+            raise ValueError(f"ops must be one of {OPS_KINDS}, got {which!r}")
         self.config.ops = which
         return self
 
