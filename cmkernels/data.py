@@ -270,8 +270,10 @@ def _read_npz(path: Path) -> tuple[np.ndarray, torch.Tensor | None]:
             images = npz["images" if "images" in npz.files else npz.files[0]]
             labels = npz["labels"] if "labels" in npz.files else None
     except Exception as exc:  # zipfile.BadZipFile, zlib.error, ValueError, OSError, ...
-        raise ValueError(
-            f"{path}: corrupt or unreadable .npz ({type(exc).__name__}: {exc})") from exc
+        detail = f"{type(exc).__name__}: {exc}"
+        if "pickled" in str(exc):  # numpy's hint to allow pickles is not advice to pass on
+            detail = "not an .npz archive of arrays; pickled data is never loaded"
+        raise ValueError(f"{path}: corrupt or unreadable .npz ({detail})") from exc
     images = _to_nchw(images, str(path))
     if labels is not None:
         labels = torch.from_numpy(np.asarray(labels).astype(np.int64).reshape(-1))

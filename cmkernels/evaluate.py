@@ -17,7 +17,6 @@ that single forward pass.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shlex
@@ -31,10 +30,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
 
+from cmkernels import cli
+from cmkernels.checkpoint import check_writable, save_atomic, write_text_atomic
 from cmkernels.data import load_dataset
 from cmkernels.features import METRIC_NAMES, get_feature_extractor, train_lenet
 
 BUILTINS = ("mnist", "twemoji")
+PROG = "python -m cmkernels.evaluate"
 
 
 def default_features(num_channels: int) -> str:
@@ -127,7 +129,7 @@ def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, features: s
 
 
 def _evaluate_main(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="python -m cmkernels.evaluate",
+    p = cli.ArgumentParser(prog=PROG,
                                 description="FD/KID of generated samples against reference images "
                                 "(subcommand `train-lenet` trains the digit feature network).")
     p.add_argument("--generated", required=True, help=".npz of uint8 images (key 'images', NHWC)")
@@ -138,11 +140,20 @@ def _evaluate_main(argv: list[str]) -> dict:
                    help="default: lenet for 1-channel images, efflite0 for 3-channel")
     p.add_argument("--inception-weights", help="local torch-fidelity Inception-v3 weights (FID)")
     p.add_argument("--kid-subset-size", type=int, help="default min(1000, set sizes)")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--kid-subsets", type=int, default=100, help="default 100")
+    p.add_argument("--batch-size", type=int, default=250, help="default 250")
     p.add_argument("--device", help="default cuda if available, else cpu")
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    for name in ("kid_subset_size", "kid_subsets", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.features == "inception" and not args.inception_weights:
+        p.error("--features inception needs --inception-weights PATH (a local torch-fidelity "
+                "Inception-v3 file; nothing is downloaded)")
+    if args.json:  # fail before the work, not after it
+        check_writable(Path(args.json).parent, "--json")
 
     generated = load_dataset(args.generated, split="all")
     size = generated.resolution if str(args.reference).lower() in BUILTINS else None
@@ -160,12 +171,12 @@ def _evaluate_main(argv: list[str]) -> dict:
     print(f"generated: {result['num_a']} images from {args.generated}; reference: "
           f"{result['num_b']} images of {args.reference} ({args.split})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return result
 
 
 def _train_lenet_main(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="python -m cmkernels.evaluate train-lenet",
+    p = cli.ArgumentParser(prog=PROG + " train-lenet",
                                 description="Train the LeNet digit feature network on mnist "
                                 "'train' (CPU, deterministic) and write weights + a JSON record.")
     p.add_argument("--out", required=True, help="weights .pt (the record goes beside it, .json)")
@@ -175,31 +186,29 @@ def _train_lenet_main(argv: list[str]) -> dict:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--max-shift", type=int, default=1, help="random-shift augmentation, pixels")
     args = p.parse_args(argv)
+    check_writable(Path(args.out).parent, "--out")
 
     model, record = train_lenet(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
                                 lr=args.lr, max_shift=args.max_shift, progress=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out)
+    save_atomic(model.state_dict(), out)
     record = {"command": "python -m cmkernels.evaluate train-lenet " + shlex.join(argv),
               **record, "weights": out.name,
               "weights_sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     print(f"LeNet test accuracy {record['test_accuracy']:.4f} "
           f"(train {record['train_accuracy']:.4f}); wrote {out} and {out.with_suffix('.json')}")
     return record
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line; returns the result. Errors end it with one line and SystemExit(2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-lenet"]:
-        return _train_lenet_main(argv[1:])
-    return _evaluate_main(argv)
+        return cli.run(PROG + " train-lenet", lambda: _train_lenet_main(argv[1:]), argv)
+    return cli.run(PROG, lambda: _evaluate_main(argv), argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (OSError, ValueError, RuntimeError, ModuleNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    main()
 

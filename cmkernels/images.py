@@ -79,7 +79,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def save_grid(images: Tensor | np.ndarray, path, ncols: int | None = None) -> None:
     """Save images (float [N, C, H, W] in [-1, 1], or uint8 [N, H, W, C]) as one PNG grid with
-    ncols columns (default: ceil(sqrt(N)))."""
+    ncols columns (default: ceil(sqrt(N))), atomically."""
     array = to_uint8(images) if isinstance(images, Tensor) else np.asarray(images, np.uint8)
     n, h, w, c = array.shape
     ncols = ncols or math.ceil(math.sqrt(n))
@@ -88,11 +88,13 @@ def save_grid(images: Tensor | np.ndarray, path, ncols: int | None = None) -> No
     for i, image in enumerate(array):
         r, col = divmod(i, ncols)
         grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    _write_atomic(path, lambda f: picture.save(f, format=_format_of(path)))
 
 
 def save_npz(path, images: np.ndarray, labels: np.ndarray | Tensor | None = None) -> None:
-    """Save uint8 images [N, H, W, C] under key "images" (plus int64 "labels" [N] when given)."""
+    """Save uint8 images [N, H, W, C] under key "images" (plus int64 "labels" [N] when given),
+    atomically."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
@@ -100,5 +102,16 @@ def save_npz(path, images: np.ndarray, labels: np.ndarray | Tensor | None = None
     if labels is not None:
         labels = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
         arrays["labels"] = labels.astype(np.int64)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, **arrays)
+    _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _format_of(path) -> str:
+    """Pillow's format name for a file name's extension (PNG when it has none)."""
+    ext = os.path.splitext(str(path))[1].lower()
+    return Image.registered_extensions().get(ext, "PNG")
+
+
+def _write_atomic(path, write) -> None:
+    from cmkernels.checkpoint import write_atomic  # imported here: it pulls in the UNet
+
+    write_atomic(path, write)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cmkernels import editing, images, samplers
+from cmkernels import cli, editing, images, samplers
 
 TASKS = ("generate", "inpaint", "colorize", "superres", "denoise", "stroke", "interpolate")
 SAMPLERS = ("onestep", "multistep", "heun", "euler")
@@ -35,29 +36,37 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEEDS_IMAGE = ("inpaint", "colorize", "superres", "denoise", "stroke")
 MASKED_EDITS = ("inpaint", "colorize", "superres")
 GRID_MAX = 256  # Images shown in samples.png (the .npz holds all of them).
+PROG = "python -m cmkernels.sample"
 
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
+        values = []
+    if not values:
         msg = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    return values
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
+        values = []
+    if not values:
         msg = f"expected comma-separated numbers, got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"noise levels must be finite numbers, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cmkernels.sample",
-        description=__doc__.split("\n\n")[0],
-    )
+    from cmkernels.unet import PRESETS
+
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -67,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preset",
-        choices=("imagenet64", "lsun256"),
-        help="architecture of an official .pt (default: the one whose layout matches)",
+        choices=sorted(PRESETS),
+        help="architecture of a plain state_dict .pt, such as an official file (required for "
+        "them; the error without it names the preset whose layout matches)",
     )
     p.add_argument(
         "--parameterization",
@@ -168,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks that need no model; each failure exits through parser.error."""
+    """Checks that need no model; each failure exits through parser.error. The output folder is
+    created and tried for writing here, before any image is computed."""
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
@@ -197,6 +208,24 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"bad --device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is available")
+    from cmkernels.checkpoint import check_writable
+
+    check_writable(args.out, "--out")
+
+
+def check_steps(parser, args: argparse.Namespace, sampler: str | None) -> None:
+    """--steps must mean something: the grid --ts indexes, the heun/euler steps, or the grid of
+    the masked edits (an ignored flag would hide a mistake)."""
+    if args.steps is None or args.ts is not None:
+        return
+    if args.sigmas is None and (sampler in ("heun", "euler") or args.task in MASKED_EDITS):
+        return
+    parser.error(
+        "--steps does nothing here: it sets the grid that --ts indexes, the heun/euler steps or "
+        f"the grid of inpaint/colorize/superres (this run: --task {args.task}"
+        + (f", sampler {sampler}" if sampler else "")
+        + (", --sigmas" if args.sigmas is not None else "") + "); give --ts or drop --steps"
+    )
 
 
 def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
@@ -214,10 +243,7 @@ def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
                 args.checkpoint, parameterization=args.parameterization, device=args.device
             )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            message = f"cannot load {args.checkpoint}: {e}"
-            if parser is None:
-                raise SystemExit(f"error: {message}") from None
-            parser.error(message)
+            raise cli.UserError(f"cannot load {args.checkpoint}: {e}") from None
         return loaded.denoiser, loaded.scheduler
     try:
         denoiser = load_denoiser(
@@ -228,7 +254,7 @@ def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser | None 
             device=args.device,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f"error: cannot load {args.checkpoint}: {e}") from None
+        raise cli.UserError(f"cannot load {args.checkpoint}: {e}") from None
     return denoiser, diffusers_format.SchedulerSettings()
 
 
@@ -277,7 +303,7 @@ def load_inputs(parser, args, channels: int, size: int, device) -> Inputs:
         image = images.load_image(args.image, channels, image_size).to(device)
         mask = images.load_mask(args.mask, size).to(device) if args.mask else None
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise cli.UserError(str(e)) from None
     return Inputs(image, mask)
 
 
@@ -318,6 +344,11 @@ def run_batch(args, denoiser, sampler, sigmas, inputs: Inputs, noise, labels, in
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line. Errors end it with one line on stderr and SystemExit(2)."""
+    cli.run(PROG, lambda: _main(argv), argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
@@ -342,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             if (args.ts or args.sigmas)
             else "onestep"
         )
+    check_steps(parser, args, sampler)
     grid = (args.scheduler.num_train_timesteps, args.scheduler.rho)  # --ts grid defaults
     sigmas = time_points(parser, args, sampler, denoiser.sigma_min, denoiser.sigma_max, *grid)
     inputs = load_inputs(parser, args, channels, size, device)

@@ -29,8 +29,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cmkernels import ops
-from cmkernels.checkpoint import load_denoiser, load_file, save_atomic
+from cmkernels import cli, ops
+from cmkernels.checkpoint import (
+    CheckpointError,
+    config_differences,
+    describe_mismatch,
+    load_denoiser,
+    load_file,
+    save_checkpoint,
+    write_text_atomic,
+)
 from cmkernels.data import load_dataset
 from cmkernels.diffusion import SIGMA_MAX, Denoiser, karras_sigmas
 from cmkernels.losses import (
@@ -40,10 +48,17 @@ from cmkernels.losses import (
     ct_target_ema,
     ict_num_scales,
 )
-from cmkernels.unet import UNet, get_preset
+from cmkernels.unet import PRESETS, UNet, get_preset
 
+try:  # POSIX file locks (a run directory has one owner); without them runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
+
+PROG = "python -m cmkernels.train"
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_TEACHER = ASSETS / "teacher_mnist_edm.pt"
+LOCK_NAME = ".lock"  # in the run directory: held (flock) by the process that trains there
 
 
 class TrainingError(RuntimeError):
@@ -59,7 +74,7 @@ class TrainConfig:
     model_channels: int | None = None  # override the preset's width
     dropout: float | None = None  # override the preset's dropout
     class_cond: bool = False  # condition on the dataset's labels
-    steps: int = 240  # optimiser steps (the default CD run: ~8.5 minutes on 2 CPU cores)
+    steps: int = 240  # optimiser steps (the default CD run: ~6.5 minutes on 2 CPU cores)
     batch_size: int = 32  # global batch (split across ranks)
     accum: int = 1  # gradient-accumulation micro-batches per step
     lr: float = 1e-4
@@ -87,7 +102,7 @@ class TrainConfig:
     out: str | None = None  # default runs/<mode>-<data>
     log_every: int = 25  # these three: every K steps, 0 = only at the end
     sample_every: int = 500
-    ckpt_every: int = 500
+    ckpt_every: int = 60
     eval_samples: int = 1000  # images for the final Frechet distance (0: skip)
     device: str = "auto"
     bf16: bool | None = None  # autocast to bf16 (default: on for CUDA)
@@ -95,8 +110,21 @@ class TrainConfig:
     compile: bool = False
     ops: str = "kernels"  # kernels | reference
     resume: bool = False
+    overwrite: bool = False  # start afresh in an --out that holds another run's checkpoint
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded verbatim (e.g. the command line)
+
+
+# Settings that --resume may change: they do not alter the training trajectory.
+RESUME_MAY_CHANGE = {"steps", "out", "resume", "overwrite", "progress", "log_every",
+                     "sample_every", "ckpt_every", "eval_samples", "device", "compile", "extra"}
+
+
+def _setting(name: str, value) -> str:
+    """A setting as its flag: --batch-size 8, --class-cond / --no-class-cond, --teacher unset."""
+    if isinstance(value, bool):
+        return _flag(name) if value else "--no-" + name.replace("_", "-")
+    return f"{_flag(name)} {'unset' if value is None else _show(value)}"
 
 
 # Per-mode defaults, applied where the command line does not say otherwise.
@@ -109,6 +137,129 @@ ICT_DEFAULTS = dict(distance="pseudo_huber", target_ema=0.0, ct_s0=10, ct_s1=128
 # A CI smoke run: a few steps of the same job.
 CI_OVERRIDES = dict(steps=6, batch_size=8, log_every=2, sample_every=4, ckpt_every=3,
                     eval_samples=64)  # fmt: skip
+
+# The choices of the settings that have a fixed set of values.
+CHOICES = {
+    "mode": ("edm", "cd", "ct"),
+    "preset": tuple(PRESETS),
+    "distance": ("l2", "l1", "pseudo_huber", "lpips"),
+    "ops": ("kernels", "reference"),
+}
+# One line of help per setting (the flag's default and choices are added to it).
+HELP = {
+    "mode": "what to train: an EDM teacher (edm), consistency distillation (cd) or consistency "
+            "training (ct)",
+    "data": "mnist, twemoji, or a path: a folder of images (class = sub-folder), an .npz of uint8 "
+            "images, a CIFAR-10 batches folder",
+    "image_size": "resize the images to this size (default: the data's own; 32 for the "
+                  "built-ins)",
+    "preset": "UNet architecture; its channel count follows the data",
+    "model_channels": "override the preset's base width",
+    "dropout": "override the preset's dropout",
+    "class_cond": "condition the model on the dataset's class labels",
+    "steps": "optimiser steps (with --resume it may be raised to train on)",
+    "batch_size": "global batch, split across the data-parallel ranks",
+    "accum": "gradient-accumulation micro-batches per step",
+    "lr": "Adam learning rate",
+    "warmup": "linear learning-rate warm-up steps",
+    "grad_clip": "maximum gradient norm (0: no clipping)",
+    "num_scales": "CD: points N of the Karras grid",
+    "target_ema": "CD: EMA rate mu of the target network",
+    "distance": "consistency distance (lpips needs --lpips-vgg and --lpips-lin)",
+    "lpips_vgg": "LPIPS: a local torchvision VGG-16 state_dict (vgg16-397923af.pth)",
+    "lpips_lin": "LPIPS: the local linear-layer weights (weights/v0.1/vgg.pth of lpips)",
+    "ct_s0": "CT: initial number of discretisation steps s0 of the N(k) schedule",
+    "ct_s1": "CT: final number of discretisation steps s1 of the N(k) schedule",
+    "ct_mu0": "CT: initial target EMA rate mu0",
+    "ict": "CT: the iCT options (pseudo-Huber, lognormal pairs, doubling curriculum, no target "
+           "EMA)",
+    "teacher": "CD: the EDM teacher checkpoint (default: the shipped MNIST teacher, for "
+               "--data mnist)",
+    "init_from_teacher": "CD: start the student from the teacher's weights, as the official "
+                         "code does",
+    "init_from": "start CD/CT from the weights of this checkpoint (its first EMA, else its "
+                 "model)",
+    "ema_rates": "comma-separated rates of the evaluation EMAs",
+    "ema_warmup": "effective EMA rate min(r, (1 + k) / (10 + k)) early in training",
+    "seed": "seed of every random draw (step k's draws depend only on the seed and k)",
+    "out": "run directory (default: runs/<mode>-<data>)",
+    "log_every": "write a log line every N steps (0: only at the end)",
+    "sample_every": "write sample grids every N steps (0: only at the end)",
+    "ckpt_every": "write last.pt every N steps (0: only at the end)",
+    "eval_samples": "images for the final Frechet distance (0: skip it)",
+    "device": "auto (cuda when available, else cpu), cpu, cuda or cuda:N",
+    "bf16": "autocast the network to bf16 (default: on for CUDA, off on the CPU)",
+    "channels_last": "NHWC activations, faster convolutions on CUDA and on the CPU (default: "
+                     "on)",
+    "compile": "torch.compile the training forward",
+    "ops": "the fused kernels or their pure-PyTorch references",
+    "resume": "continue the run in --out from its last.pt, with the same settings",
+    "overwrite": "start a fresh run in an --out that already holds a run's checkpoint, "
+                 "replacing it and its log, samples and metrics",
+    "progress": "show a progress bar",
+}  # fmt: skip
+
+
+def _help(name: str, default) -> str:
+    """A flag's help: its line, then its default, with the per-mode defaults ("default: 1e-4;
+    --mode edm: 0.001, --mode ct: 0.0002") and the --ci value."""
+    text = HELP[name]
+    if "(default" in text:
+        return text
+    shown = [_show(default)]
+    shown += [f"--mode {mode}: {_show(d[name])}" for mode, d in MODE_DEFAULTS.items() if name in d]
+    if name in ICT_DEFAULTS:
+        shown.append(f"--ict: {_show(ICT_DEFAULTS[name])}")
+    if name in CI_OVERRIDES:
+        shown.append(f"--ci: {_show(CI_OVERRIDES[name])}")
+    return f"{text} (default: {'; '.join(shown)})"
+
+
+def _show(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot train (TrainingError naming the flag), before any work."""
+    problems = []
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            problems.append(f"{_flag(name)} must be one of {', '.join(choices)}, not "
+                            f"{getattr(cfg, name)!r}")  # fmt: skip
+    positive = ["batch_size", "accum", "ct_s0", "ct_s1"]
+    for name in positive + ["model_channels", "image_size"]:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            problems.append(f"{_flag(name)} must be a positive integer, got {value}")
+    for name in ("steps", "warmup", "log_every", "sample_every", "ckpt_every", "eval_samples"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.num_scales < 2:
+        problems.append(f"--num-scales must be at least 2, got {cfg.num_scales}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        problems.append(f"--lr must be a positive number, got {cfg.lr}")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip >= 0):
+        problems.append(f"--grad-clip must be >= 0 (0: off), got {cfg.grad_clip}")
+    rates = {"target_ema": [cfg.target_ema], "ct_mu0": [cfg.ct_mu0], "ema_rates": cfg.ema_rates}
+    for name, values in rates.items():
+        if not values or not all(math.isfinite(v) and 0 <= v < 1 for v in values):
+            problems.append(f"{_flag(name)} must lie in [0, 1), got {_show(values)}")
+    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
+        problems.append(f"--dropout must lie in [0, 1), got {cfg.dropout}")
+    if len(set(cfg.ema_rates)) != len(cfg.ema_rates):
+        problems.append(f"--ema-rates has a rate twice: {_show(cfg.ema_rates)}")
+    if cfg.resume and cfg.overwrite:
+        problems.append("--resume continues the run in --out; --overwrite replaces it: not both")
+    if problems:
+        raise TrainingError("; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,6 +338,7 @@ def _due(step: int, every: int) -> bool:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        check_config(cfg)
         self.device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = setup_distributed(self.device)
         if cfg.batch_size % (self.dist.world * cfg.accum):
@@ -194,16 +346,18 @@ class Trainer:
                 f"--batch-size {cfg.batch_size} must be divisible by world size x --accum "
                 f"({self.dist.world} x {cfg.accum})"
             )
-        for name in ("steps", "log_every", "sample_every", "ckpt_every", "eval_samples"):
-            if getattr(cfg, name) < 0:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 0")
         self.out = Path(cfg.out or f"runs/{cfg.mode}-{Path(cfg.data).name}")
         on_cuda = self.device.type == "cuda"
         self.bf16 = on_cuda if cfg.bf16 is None else cfg.bf16
         self.channels_last = True if cfg.channels_last is None else cfg.channels_last
 
         torch.manual_seed(cfg.seed)
-        self.data = load_dataset(cfg.data, split="train", image_size=cfg.image_size)
+        try:
+            self.data = load_dataset(cfg.data, split="train", image_size=cfg.image_size)
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            raise TrainingError(f"--data {cfg.data}: {exc}") from exc
+        if len(self.data) == 0:
+            raise TrainingError(f"--data {cfg.data}: no images")
         images = self.data.images.to(self.device)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -260,7 +414,9 @@ class Trainer:
         if cfg.compile:
             self.forward = torch.compile(self.forward)
         self.step = 0
-        self.stop_requested = False
+        self.stop_requested = False  # set by Ctrl-C (on this rank)
+        self._saving = False  # a checkpoint is being written: Ctrl-C must not break it
+        self._lock = None  # the open lock file of the run directory (rank 0)
 
     # -- set-up helpers --------------------------------------------------------------------------
 
@@ -279,7 +435,10 @@ class Trainer:
                 f"teacher checkpoint {path} not found; train one with "
                 f"`python -m cmkernels.train --mode edm --data {self.cfg.data}`"
             )
-        teacher = load_denoiser(path, weights="ema", device=self.device)
+        try:
+            teacher = load_denoiser(path, weights="ema", device=self.device)
+        except (CheckpointError, OSError) as exc:
+            raise TrainingError(f"--teacher: {exc}") from exc
         if teacher.parameterization != "edm":
             raise TrainingError(f"the teacher {path} is not an EDM (diffusion) model")
         tc = teacher.net.config
@@ -295,15 +454,28 @@ class Trainer:
         return teacher
 
     def _init_from(self, path: str):
-        ckpt = load_file(path)
+        try:
+            ckpt = load_file(path)
+        except CheckpointError as exc:
+            raise TrainingError(f"--init-from: {exc}") from exc
         state = (
             ckpt["emas"][next(iter(ckpt["emas"]))] if ckpt.get("emas") else ckpt.get("model", ckpt)
         )
-        try:
-            self.model.net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            msg = f"--init-from {path}: the weights do not fit this model: {exc}"
-            raise TrainingError(msg) from exc
+        self._load_weights(state, ckpt, f"--init-from {path}")
+
+    def _load_weights(self, state: dict, ckpt: dict, what: str):
+        """Load a UNet state_dict into the model; a mismatch is one sentence, naming the
+        architecture settings that differ when the checkpoint records them."""
+        net = self.model.net
+        diff = describe_mismatch(net.state_dict(), state)
+        if not diff:
+            net.load_state_dict(state, strict=True)
+            return
+        theirs = ckpt.get("unet_config")
+        settings = config_differences(dataclasses.asdict(net.config), theirs) if theirs else []
+        if settings:
+            diff = "this run's UNet has " + ", ".join(settings)
+        raise TrainingError(f"{what}: the weights do not fit this model: {diff}")
 
     # -- schedules -------------------------------------------------------------------------------
 
@@ -420,19 +592,37 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path:
+        """Write the checkpoint (with its checksum, verified on disk before it replaces the
+        previous one). Ctrl-C while it is written waits for it."""
         path = self.out / name
         if self.dist.main:
-            save_atomic(self.state(), path)
+            self._saving = True
+            try:
+                save_checkpoint(self.state(), path)
+            except OSError as exc:
+                kept = "the previous checkpoint there is intact" if path.exists() else (
+                    "no earlier checkpoint exists")  # fmt: skip
+                raise TrainingError(
+                    f"cannot write the checkpoint {path} ({exc.strerror or exc}) at step "
+                    f"{self.step}; {kept}"
+                ) from exc
+            finally:
+                self._saving = False
         if self.dist.world > 1:
             dist.barrier()
         return path
 
     def load(self, path: Path):
-        ckpt = load_file(path)
+        try:
+            ckpt = load_file(path)
+        except CheckpointError as exc:
+            raise TrainingError(f"--resume: {exc}") from exc
         for key in ("model", "optimizer", "step", "emas"):
             if key not in ckpt:
                 raise TrainingError(f"{path} is not a training checkpoint (no {key!r})")
-        self.model.net.load_state_dict(ckpt["model"])
+        if isinstance(ckpt.get("config"), dict):
+            self._check_resume_config(ckpt["config"], path)
+        self._load_weights(ckpt["model"], ckpt, f"--resume {path}")
         if self.target is not None:
             if ckpt.get("target") is None:
                 raise TrainingError(f"{path} holds no target network (trained with another mode?)")
@@ -446,6 +636,24 @@ class Trainer:
                 t.copy_(v)
         self.step = int(ckpt["step"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+
+    def _check_resume_config(self, saved: dict, path: Path):
+        """--resume continues a run exactly only with its settings: name every difference."""
+        ours = dataclasses.asdict(self.cfg)
+        diffs = []
+        for name, value in ours.items():
+            if name in RESUME_MAY_CHANGE or name not in saved:
+                continue
+            if _show(value) != _show(saved[name]):
+                was = saved[name]
+                was = _setting(name, was) if isinstance(was, bool) else _show(was)
+                diffs.append(f"{_setting(name, value)} (checkpoint: {was})")
+        if diffs:
+            raise TrainingError(
+                f"--resume: this run's settings differ from those {path} was trained with: "
+                f"{', '.join(diffs)}; give the checkpoint's settings to continue it exactly, or "
+                "start a new run with another --out"
+            )
 
     def ema_model(self, k: int = 0) -> Denoiser:
         """A copy of the model holding the k-th evaluation EMA (for samples and evaluation)."""
@@ -468,13 +676,16 @@ class Trainer:
         for start in range(0, n, 256):
             seeds = list(range(seed0 + start, seed0 + min(n, start + 256)))
             noise = PerSampleNoise(seeds, shape, self.device)
+            labels = None
+            if self.cfg.class_cond:  # a label per image, drawn first (as the sampler CLI does)
+                labels = noise.randint(self.data.num_classes)
             z = noise()
             if self.cfg.mode == "edm":
-                x = sample_heun(model, z, karras_sigmas(18).tolist())
+                x = sample_heun(model, z, karras_sigmas(18).tolist(), labels)
             else:
                 # One step: [sigma_max]; two steps: the official ts = 0, 22, 39 of a 40-point grid.
                 taus = [SIGMA_MAX] if steps == "one" else ts_to_sigmas((0, 22, 39), 40)
-                x = sample_multistep(model, z, taus, noise)
+                x = sample_multistep(model, z, taus, noise, labels)
             out.append(x.clamp(-1, 1).float().cpu())
         return torch.cat(out)
 
@@ -505,26 +716,36 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        try:
+            self._claim_directory()
+            return self._run()
+        finally:
+            self._release_directory()
+
+    def _run(self) -> dict:
         c, main = self.cfg, self.dist.main
         if c.resume:
             last = self.out / "last.pt"
             if not last.exists():
-                raise TrainingError(f"--resume: no checkpoint at {last}")
+                raise TrainingError(f"--resume: no checkpoint at {last} (start the run without "
+                                    "--resume)")  # fmt: skip
             self.load(last)
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
-        log = open(self.out / "log.jsonl", "a") if main else None
+            write_text_atomic(self.out / "config.json", json.dumps(dataclasses.asdict(c), indent=2))
+        log = open(self.out / "log.jsonl", "a" if c.resume else "w") if main else None
         bar = None
         if main and c.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=c.steps, initial=self.step, desc=f"{c.mode}", dynamic_ncols=True)
+        # Ctrl-C is ours until the last checkpoint is on disk.
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         t_last, imgs = time.perf_counter(), 0
+        stop = False
         try:
-            while self.step < c.steps and not self.stop_requested:
+            while self.step < c.steps and not stop:
                 stats = self.train_step()
+                stop = self._agree_to_stop()
                 imgs += c.batch_size
                 now = time.perf_counter()
                 if bar is not None:
@@ -537,16 +758,27 @@ class Trainer:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     t_last, imgs = now, 0
+                if stop:
+                    break
                 if _due(self.step, c.ckpt_every) and self.step < c.steps:
                     self.save()
                 if _due(self.step, c.sample_every) and self.step < c.steps:
                     self.write_samples(f"{self.step:06d}")
+            if bar is not None:
+                bar.close()
+                bar = None
+            path = self.save()
+        except BaseException:
+            if log is not None:
+                log.close()
+            raise
         finally:
             signal.signal(signal.SIGINT, previous)
             if bar is not None:
                 bar.close()
-        path = self.save()
-        if self.stop_requested:
+        if stop:
+            if log is not None:
+                log.close()
             if main:
                 print(f"interrupted at step {self.step}: saved {path}; continue with --resume",
                       file=sys.stderr)  # fmt: skip
@@ -555,45 +787,158 @@ class Trainer:
         metrics = {"step": self.step}
         if c.eval_samples > 0 and main:
             metrics["frechet"] = self.evaluate()
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=2))
             log.write(json.dumps({"final": metrics}) + "\n")
         if log:
             log.close()
         return metrics
 
+    def _agree_to_stop(self) -> bool:
+        """Whether to stop after this step: one Ctrl-C on any rank stops every rank at the same
+        step (a flag read on each rank alone could let them part ways and hang)."""
+        if self.dist.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
     def _on_sigint(self, signum, frame):
-        if self.stop_requested:  # a second Ctrl-C: stop now
+        if self._saving:  # never break a checkpoint write: it ends on its own in a moment
+            self.stop_requested = True
+            print(f"\nCtrl-C: writing {self.out / 'last.pt'}; stopping once it is on disk",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
+        if self.stop_requested:  # a second Ctrl-C: stop now, without saving
             raise KeyboardInterrupt
         self.stop_requested = True
+        if self.dist.main:
+            print(f"\nCtrl-C: finishing step {self.step + 1}, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once without saving)", file=sys.stderr, flush=True)
+
+    # -- the run directory -----------------------------------------------------------------------
+
+    def _claim_directory(self):
+        """Rank 0 makes --out this run's: takes its lock and refuses a fresh run over another
+        run's checkpoint (every rank stops if rank 0 refuses)."""
+        error = None
+        if self.dist.main:
+            try:
+                self._lock_directory()
+                self._check_fresh_start()
+            except TrainingError as exc:
+                error = exc
+        if self.dist.world > 1:
+            flag = torch.tensor([float(error is not None)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and error is None:
+                error = TrainingError(f"rank 0 cannot use {self.out} (its message says why)")
+        if error is not None:
+            raise error
+
+    def _lock_directory(self):
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise TrainingError(
+                f"--out {self.out}: cannot create the run directory or its lock file "
+                f"({exc.strerror or exc})"
+            ) from exc
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise TrainingError(
+                    f"{self.out} is in use by another training run (pid {owner}); wait for it to "
+                    "end or pick another --out"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+
+    def _release_directory(self):
+        if self._lock is not None:
+            os.close(self._lock)  # (closing the file releases its lock)
+            self._lock = None
+
+    def _check_fresh_start(self):
+        """A run without --resume must not replace another run's checkpoint unless asked to
+        (--overwrite; a --ci smoke run may replace an earlier --ci run)."""
+        c, last = self.cfg, self.out / "last.pt"
+        if c.resume or not last.exists():
+            return
+        try:
+            previous = load_file(last)
+            old = previous.get("config") or {}
+            what = "a checkpoint"
+            if "step" in previous and "steps" in old:
+                what += f" of step {previous['step']} of {old['steps']}"
+            was_ci = "--ci" in (old.get("extra") or {}).get("argv", [])
+        except CheckpointError as exc:
+            what, was_ci = f"a checkpoint it cannot read ({exc})", False
+        is_ci = "--ci" in c.extra.get("argv", [])
+        if not (c.overwrite or (is_ci and was_ci)):
+            raise TrainingError(
+                f"{self.out} already holds a run: {what}; continue it with --resume, pick "
+                "another --out, or pass --overwrite to replace it"
+            )
+        for name in ("last.pt", "metrics.json", "log.jsonl", "config.json"):
+            (self.out / name).unlink(missing_ok=True)
+        for old_grid in self.out.glob("samples_*.png"):
+            old_grid.unlink()
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line.
 
 
-def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(
-        prog="python -m cmkernels.train",
+def _ema_rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        rates = ()
+    if not rates:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got {text!r}")
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog=PROG,
         description="Train an EDM teacher, or a consistency model by distillation (CD) or "
-        "consistency training (CT/iCT).",
+        "consistency training (CT/iCT). Every flag is a field of TrainConfig.",
     )
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name, f in fields.items():
-        if name in ("extra",):
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name
+        if name == "extra":
             continue
-        flag = "--" + name.replace("_", "-")
         default = f.default
+        text = _help(name, default)
         if name == "ema_rates":
-            p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",")), default=None,
-                           help="comma-separated EMA rates (default 0.9999)")  # fmt: skip
+            p.add_argument(_flag(name), type=_ema_rates, default=None, metavar="R[,R...]",
+                           help=text)  # fmt: skip
         elif isinstance(default, bool) or f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=None,
+                           help=text)  # fmt: skip
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            p.add_argument(flag, type=kind, default=None)
-    p.add_argument("--ci", action="store_true", help="a short smoke run of the same job (CI)")
+            metavar = {int: "N", float: "X"}.get(kind, "NAME" if name == "device" else "PATH")
+            if name in CHOICES:  # argparse shows and checks them
+                p.add_argument(_flag(name), choices=CHOICES[name], default=None, help=text)
+            else:
+                p.add_argument(_flag(name), type=kind, default=None, metavar=metavar, help=text)
+    p.add_argument("--ci", action="store_true",
+                   help="a short smoke run of the same job, as CI runs it (it may replace an "
+                   "earlier --ci run in the same --out)")  # fmt: skip
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = build_parser()
     args = p.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if v is not None and k != "ci"}
+    values = {k: v for k, v in vars(args).items() if v is not None and k not in ("ci", "debug")}
     mode = values.get("mode", TrainConfig.mode)
     if mode not in MODE_DEFAULTS:
         p.error(f"--mode must be edm, cd or ct, not {mode!r}")
@@ -606,7 +951,7 @@ def parse_args(argv=None) -> TrainConfig:
         merged.update(CI_OVERRIDES)
     merged.update(values)
     distance = merged.get("distance", "l2")
-    if distance not in ("l2", "l1", "pseudo_huber", "lpips"):
+    if distance not in CHOICES["distance"]:
         p.error(f"--distance must be l2, l1, pseudo_huber or lpips, not {distance!r}")
     if distance == "lpips" and not (merged.get("lpips_vgg") and merged.get("lpips_lin")):
         p.error(
@@ -614,23 +959,39 @@ def parse_args(argv=None) -> TrainConfig:
             "(torchvision's VGG-16 state_dict) and --lpips-lin PATH (lpips' v0.1/vgg.pth)"
         )
     merged["extra"] = {"argv": sys.argv[1:] if argv is None else list(argv)}
-    return TrainConfig(**merged)
+    cfg = TrainConfig(**merged)
+    try:
+        check_config(cfg)
+    except TrainingError as exc:
+        p.error(str(exc))
+    return cfg
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        trainer = Trainer(cfg)
-        metrics = trainer.run()
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if trainer.dist.main and not metrics.get("interrupted"):
-        print(json.dumps(metrics))
-    return 130 if metrics.get("interrupted") else 0
+    """The command line: 0 when done, 130 when stopped by Ctrl-C (after saving). Errors end it
+    with one line on stderr and SystemExit(2)."""
+    result = {}
+
+    def body():
+        cfg = parse_args(argv)
+        trainer = None
+        try:
+            trainer = Trainer(cfg)
+            result.update(trainer.run())
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped without saving
+            last = Path(cfg.out or f"runs/{cfg.mode}-{Path(cfg.data).name}") / "last.pt"
+            kept = f"the last checkpoint, {last}, is intact" if last.exists() else (
+                "no checkpoint was written")  # fmt: skip
+            step = trainer.step if trainer is not None else 0
+            cli.fail(PROG, f"stopped at step {step} without saving; {kept}", cli.INTERRUPTED)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if trainer.dist.main and not result.get("interrupted"):
+            print(json.dumps(result))
+
+    cli.run(PROG, body, argv, user_errors=cli.USER_ERRORS + (TrainingError,))
+    return 130 if result.get("interrupted") else 0
 
 
 if __name__ == "__main__":

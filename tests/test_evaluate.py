@@ -124,3 +124,29 @@ def test_cli(tmp_path, mnist, capsys):
     assert result["metric"] == "FD-LeNet" and result["num_a"] == 300
     assert result["num_b"] == 4000 and result["kid_subset_size"] == 200
     assert 0 < result["fd"] < 5
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import cmkernels.evaluate as evaluate
+
+    def never(*a, **k):
+        raise AssertionError("computed although the command was refused")
+
+    monkeypatch.setattr(evaluate, "frechet_distance", never)
+    (tmp_path / "file").write_text("")
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 32, 32, 1), np.uint8))
+    for argv, message in [
+        (["--generated", tmp_path / "nope.npz", "--reference", "mnist"], "no such file"),
+        (["--generated", tmp_path / "s.npz", "--reference", "mnist", "--json",
+          tmp_path / "file" / "fd.json"], "--json"),
+        (["--generated", tmp_path / "s.npz", "--reference", "mnist", "--batch-size", "0"],
+         "--batch-size must be positive"),
+        (["--generated", tmp_path / "s.npz", "--reference", "mnist", "--features", "inception"],
+         "--inception-weights"),
+        (["--generated", tmp_path / "s.npz"], "required"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+        assert err.startswith("python -m cmkernels.evaluate: error: ") and message in err, err

@@ -185,20 +185,29 @@ def test_interpolate(ckpt, tmp_path):
     assert frames.shape == (3, SIZE, SIZE, 1)
 
 
+def one_line_error(capsys, exit) -> str:
+    err = capsys.readouterr().err.strip()
+    assert exit is not None and exit.code == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("python -m cmkernels.sample: error: "), err
+    return err
+
+
 def test_user_mistakes_give_messages_not_tracebacks(ckpt, tmp_path, capsys):
     exit = run(["--checkpoint", tmp_path / "nope.pt", "--out", tmp_path])
-    assert exit.code not in (0, None) and "nope.pt" in str(exit.code)
+    assert "nope.pt" in one_line_error(capsys, exit)
     exit = run(["--checkpoint", ckpt, "--task", "stroke", "--image", tmp_path / "nope.png",
                 "--out", tmp_path])
-    assert "nope.png" in str(exit.code)
+    assert "nope.png" in one_line_error(capsys, exit)
     (tmp_path / "bad.png").write_bytes(b"not an image")
     exit = run(["--checkpoint", ckpt, "--task", "stroke", "--image", tmp_path / "bad.png",
                 "--out", tmp_path])
-    assert "bad.png" in str(exit.code)
+    assert "bad.png" in one_line_error(capsys, exit)
     small = write_png(tmp_path / "small.png", np.zeros((SIZE // 2, SIZE // 2)))
     exit = run(["--checkpoint", ckpt, "--task", "inpaint", "--image", small, "--mask", small,
                 "--out", tmp_path])
-    assert "small.png" in str(exit.code) and f"{SIZE}x{SIZE}" in str(exit.code)
+    err = one_line_error(capsys, exit)
+    assert "small.png" in err and f"{SIZE}x{SIZE}" in err
     exit = run(["--checkpoint", ckpt, "--task", "colorize", "--image", small, "--out", tmp_path])
     assert exit.code == 2 and "RGB model" in capsys.readouterr().err
     exit = run(["--checkpoint", ckpt, "--ts", "0,50", "--out", tmp_path])
@@ -206,3 +215,79 @@ def test_user_mistakes_give_messages_not_tracebacks(ckpt, tmp_path, capsys):
     exit = run(["--checkpoint", ckpt, "--task", "superres", "--factor", 3, "--image", small,
                 "--out", tmp_path])
     assert exit.code == 2 and "does not divide" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Dead ends of issue 13: each gives one line and exit status 2, before any image is computed.
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ts", ","], "comma-separated integers"),
+    (["--ts", "-1,22"], "--flag=VALUE"),
+    (["--ts=-1,22"], "ts must lie"),
+    (["--sigmas", "nan,1"], "finite"),
+    (["--sigmas", "inf,1"], "finite"),
+    (["--steps", "40"], "--steps does nothing here"),
+    (["--sigmas", "80,1", "--steps", "40"], "--steps does nothing here"),
+    (["--weights", "0.5"], "no such weights"),
+    (["--preset", "gray99"], "invalid choice"),
+])
+def test_dead_ends_are_one_line(ckpt, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(sample, "run_batch", _never)
+    exit = run(["--checkpoint", ckpt, "--out", tmp_path / "out", *extra])
+    assert message in one_line_error(capsys, exit)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the sampler ran though the command was refused")
+
+
+def test_weights_takes_an_ema_rate(core, tmp_path, capsys):
+    unet, checkpoint = core
+    path = save_tiny(core, tmp_path / "ema.pt")
+    state = checkpoint.load_file(path)
+    shifted = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["emas"] = {"0.9999": shifted}
+    checkpoint.save_checkpoint(state, path)
+    for weights, out in [("model", "m"), ("ema", "e"), ("0.9999", "r")]:
+        assert run(["--checkpoint", path, "--weights", weights, "--num-samples", 1,
+                    "--out", tmp_path / out]) is None
+    m, e, r = (load_npz(tmp_path / o)["images"] for o in "mer")
+    assert np.array_equal(e, r) and not np.array_equal(m, r)
+    capsys.readouterr()
+    exit = run(["--checkpoint", path, "--weights", "0.999", "--out", tmp_path])
+    assert "'0.9999'" in one_line_error(capsys, exit)
+
+
+def test_plain_state_dict_names_a_preset_that_sample_accepts(core, ckpt, tmp_path, capsys):
+    _, checkpoint = core
+    plain = checkpoint.save_atomic(checkpoint.load_file(ckpt)["model"], tmp_path / "plain.pt")
+    exit = run(["--checkpoint", plain, "--out", tmp_path])
+    err = one_line_error(capsys, exit)
+    preset = err.split("--preset ")[-1].split()[0].strip(",;)")
+    exit = run(["--checkpoint", plain, "--preset", preset, "--out", tmp_path])
+    err = one_line_error(capsys, exit)  # a layout error now, not an "invalid choice"
+    assert "invalid choice" not in err and "does not fit" in err
+
+
+def test_unwritable_out_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "run_batch", _never)
+    (tmp_path / "file").write_text("")
+    exit = run(["--checkpoint", ckpt, "--out", tmp_path / "file" / "out"])
+    assert "--out" in one_line_error(capsys, exit)
+
+
+def test_outputs_are_written_atomically(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run(["--checkpoint", ckpt, "--num-samples", 2, "--out", out]) is None
+    before = (out / "samples.npz").read_bytes()
+
+    def torn(file, **arrays):
+        file.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", torn)
+    exit = run(["--checkpoint", ckpt, "--num-samples", 3, "--out", out])
+    assert exit.code == 2
+    assert (out / "samples.npz").read_bytes() == before  # the old file, whole
+    assert sorted(p.name for p in out.iterdir()) == ["samples.npz", "samples.png"]

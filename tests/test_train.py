@@ -29,7 +29,13 @@ TINY = ["--model-channels", "32", "--batch-size", "4", "--eval-samples", "0", "-
 
 
 def _cfg(tmp_path, *args):
-    return train.parse_args(["--out", str(tmp_path), *TINY, *args])
+    return train.parse_args(["--out", str(tmp_path), *TINY, *(str(a) for a in args)])
+
+
+def _no_samples(trainer):
+    """Skip the sample grids (most of a tiny run's time) where a test is not about them."""
+    trainer.write_samples = lambda tag: None
+    return trainer
 
 
 def _tiny_teacher(tmp_path) -> Path:
@@ -151,8 +157,10 @@ def test_zero_intervals_write_only_at_the_end(tmp_path):
     assert not list(out.glob("samples_*0000*.png"))
     lines = (out / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if '"loss"' in x] == [2]
+    with pytest.raises(SystemExit):  # the command line refuses it
+        _cfg(out, "--mode", "ct", "--ckpt-every", "-1")
     with pytest.raises(train.TrainingError, match="--ckpt-every must be >= 0"):
-        train.Trainer(_cfg(out, "--mode", "ct", "--ckpt-every", "-1"))
+        train.Trainer(train.TrainConfig(mode="ct", ckpt_every=-1, out=str(out)))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -182,13 +190,242 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     assert load_file(tmp_path / "last.pt")["step"] == 2
 
 
+def _main_error(capsys, *argv) -> str:
+    """The one line train.main prints for bad input (it must exit with status 2)."""
+    with pytest.raises(SystemExit) as exit:
+        train.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("python -m cmkernels.train: error: "), err
+    return err
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
-    assert train.main(["--mode", "cd", "--data", "twemoji", "--out", str(tmp_path), *TINY]) == 2
-    assert "--teacher" in capsys.readouterr().err
+    err = _main_error(capsys, "--mode", "cd", "--data", "twemoji", "--out", tmp_path, *TINY)
+    assert "--teacher" in err
     with pytest.raises(SystemExit):
         train.parse_args(["--mode", "xyz"])
     with pytest.raises(SystemExit):
         train.parse_args(["--mode", "cd", "--ict"])
+
+
+def _write_png(path, size):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (size, size), 128).save(path)
+
+
+@pytest.mark.parametrize("case", ["preset", "lr_nan", "lr_negative", "batch_negative",
+                                  "batch_zero", "ema_rates", "data_missing", "data_empty",
+                                  "data_mixed", "data_corrupt", "resume_missing",
+                                  "resume_corrupt", "teacher_missing", "teacher_empty",
+                                  "init_from_missing"])  # fmt: skip
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, case):
+    out = ["--out", tmp_path / "run"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    expected, argv = {
+        "preset": ("invalid choice", ["--preset", "gray64"]),
+        "lr_nan": ("--lr must be a positive number", ["--lr", "nan"]),
+        "lr_negative": ("--lr must be a positive number", ["--lr", "-1"]),
+        "batch_negative": ("--batch-size must be a positive", ["--batch-size", "-4"]),
+        "batch_zero": ("--batch-size must be a positive", ["--batch-size", "0"]),
+        "ema_rates": ("--ema-rates must lie in [0, 1)", ["--ema-rates", "1.5"]),
+        "data_missing": ("--data", ["--data", tmp_path / "nope"]),
+        "data_empty": ("no images found", ["--data", folder]),
+        "data_mixed": ("different sizes", ["--data", folder]),
+        "data_corrupt": ("corrupt or unreadable image", ["--data", folder]),
+        "resume_missing": ("--resume: no checkpoint", ["--resume", "--mode", "ct"]),
+        "resume_corrupt": ("cannot read checkpoint", ["--resume", "--mode", "ct"]),
+        "teacher_missing": ("not found", ["--teacher", tmp_path / "nope.pt"]),
+        "teacher_empty": ("empty (0 bytes)", ["--teacher", tmp_path / "empty.pt"]),
+        "init_from_missing": ("--init-from: checkpoint not found",
+                              ["--mode", "ct", "--init-from", tmp_path / "nope.pt"]),
+    }[case]  # fmt: skip
+    if case == "data_mixed":
+        _write_png(folder / "a.png", 32)
+        _write_png(folder / "b.png", 28)
+    if case == "data_corrupt":
+        (folder / "a.png").write_bytes(b"not a png")
+    if case == "resume_corrupt":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "last.pt").write_bytes(b"\x00" * 100)
+    if case == "teacher_empty":
+        (tmp_path / "empty.pt").write_bytes(b"")
+    err = _main_error(capsys, *TINY, *out, *argv)
+    assert expected in err
+
+
+def test_every_flag_has_help_with_its_default():
+    parser = train.build_parser()
+    for action in parser._actions:
+        if action.dest in ("help", "debug", "ci"):
+            continue
+        assert action.help and "default" in action.help, action.dest
+    helps = {a.dest: a.help for a in parser._actions}
+    assert "{edm,cd,ct}" in parser.format_usage() and "--mode edm: 0.001" in helps["lr"]
+    assert train.TrainConfig().ckpt_every == 60  # the default run leaves periodic checkpoints
+
+
+def test_fresh_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.Trainer, "write_samples", lambda self, tag: None)
+    run = ["--mode", "ct", "--steps", "1", "--out", str(tmp_path), *TINY]
+    assert train.main(run) == 0
+    capsys.readouterr()
+    (tmp_path / "samples_one-step_000001.png").write_bytes(b"old")  # an old run's grid
+    err = _main_error(capsys, "--mode", "ct", "--steps", "1", "--out", tmp_path, *TINY)
+    assert "already holds a run: a checkpoint of step 1 of 1" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert load_file(tmp_path / "last.pt")["config"]["steps"] == 1
+    # --overwrite starts afresh: nothing of the old run is left to mix with the new one.
+    assert train.main(["--mode", "ct", "--steps", "1", "--out", str(tmp_path), "--overwrite",
+                       "--seed", "5", *TINY]) == 0  # fmt: skip
+    assert load_file(tmp_path / "last.pt")["config"]["seed"] == 5
+    steps = [json.loads(x).get("step") for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1]
+    assert not (tmp_path / "samples_one-step_000001.png").exists()
+
+
+def test_a_second_process_in_the_same_directory_stops_at_once(tmp_path):
+    first = _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "1")))
+    first._lock_directory()  # as a running trainer holds it
+    try:
+        second = _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "1")))
+        with pytest.raises(train.TrainingError, match=r"in use by another training run \(pid"):
+            second.run()
+        assert not (tmp_path / "last.pt").exists()
+    finally:
+        first._release_directory()
+    second.run()  # the lock ends with its owner
+    assert load_file(tmp_path / "last.pt")["step"] == 1
+
+
+def test_resume_names_each_changed_setting(tmp_path):
+    _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "1"))).run()
+    changed = _cfg(tmp_path, "--mode", "ct", "--steps", "2", "--resume", "--batch-size", "8",
+                   "--lr", "3e-4")  # fmt: skip
+    with pytest.raises(train.TrainingError) as err:
+        train.Trainer(changed).run()
+    msg = str(err.value)
+    assert "--batch-size 8 (checkpoint: 4)" in msg and "--lr 0.0003 (checkpoint: 0.0002)" in msg
+    assert "--steps" not in msg  # may be raised to train on
+    with pytest.raises(train.TrainingError, match=r"--mode edm \(checkpoint: ct\)"):
+        train.Trainer(_cfg(tmp_path, "--mode", "edm", "--resume")).run()
+    wider = _cfg(tmp_path, "--mode", "ct", "--resume", "--model-channels", "64")
+    with pytest.raises(train.TrainingError, match=r"^[^\n]*--model-channels 64 \(checkpoint: 32\)"):
+        train.Trainer(wider).run()
+
+
+def test_init_from_another_architecture_is_one_sentence(tmp_path):
+    rgb = train.Trainer(_cfg(tmp_path / "rgb", "--mode", "ct", "--steps", "1", "--data",
+                             _rgb_npz(tmp_path)))  # fmt: skip
+    save_atomic(rgb.state(), tmp_path / "rgb.pt")
+    with pytest.raises(train.TrainingError) as err:
+        train.Trainer(_cfg(tmp_path / "gray", "--mode", "ct", "--init-from", tmp_path / "rgb.pt"))
+    msg = str(err.value)
+    assert "\n" not in msg and "in_channels 1 (checkpoint: 3)" in msg and len(msg) < 400
+
+
+def _rgb_npz(tmp_path) -> Path:
+    import numpy as np
+
+    path = tmp_path / "rgb.npz"
+    np.savez(path, images=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    return path
+
+
+def test_class_conditional_run_samples_and_resumes(tmp_path):
+    # The evaluation samples of the first run, the grids of the resumed one.
+    cfg = _cfg(tmp_path, "--mode", "ct", "--steps", "1", "--class-cond", "--eval-samples", "16")
+    assert "frechet" in _no_samples(train.Trainer(cfg)).run()
+    resumed = _cfg(tmp_path, "--mode", "ct", "--steps", "2", "--class-cond", "--resume",
+                   "--eval-samples", "0")  # fmt: skip
+    assert train.Trainer(resumed).run()["step"] == 2
+    assert (tmp_path / "samples_one-step_final.png").exists()
+
+
+def test_corrupt_checkpoint_is_refused_and_old_ones_resume(tmp_path):
+    _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "1"))).run()
+    last = tmp_path / "last.pt"
+    state = load_file(last)
+    tensor = state["model"]["input_blocks.0.0.bias"]  # 32 random values
+    raw = bytearray(last.read_bytes())
+    at = raw.find(tensor.numpy().tobytes())  # the tensor's bytes inside the zip
+    assert at > 0
+    raw[at + 32:at + 96] = bytes(64)  # 64 bytes overwritten in the middle of the file
+    last.write_bytes(bytes(raw))
+    with pytest.raises(train.TrainingError, match="is corrupt: its contents do not match"):
+        train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "2", "--resume")).run()
+    # A checkpoint written before checksums existed still resumes.
+    assert "checksum" not in state  # (load_file verifies and removes it)
+    torch.save(state, last)
+    resumed = _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "2", "--resume")))
+    assert resumed.run()["step"] == 2
+
+
+def test_ctrl_c_during_the_save_cannot_lose_the_checkpoint(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from cmkernels import checkpoint
+
+    real_save = torch.save
+
+    def interrupted_save(obj, f):  # two real Ctrl-C while the file is written
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, f)
+
+    trainer = _stop_after(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "50")), 1)
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted_save)
+    assert trainer.run() == {"interrupted": True, "step": 1}
+    assert load_file(tmp_path / "last.pt")["step"] == 1
+    err = capsys.readouterr().err
+    assert "Ctrl-C: finishing step 2, then saving a checkpoint" in err
+    assert "stopping once it is on disk" in err
+    assert not list(tmp_path.glob(".last.pt.*"))  # no temporary file left
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from cmkernels import checkpoint
+
+    trainer = _no_samples(
+        train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "2", "--ckpt-every", "1"))
+    )
+    real_save = torch.save
+
+    def full_disk(obj, f):
+        if trainer.step >= 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(train.TrainingError, match="No space left on device.*previous checkpoint"):
+        trainer.run()
+    assert load_file(tmp_path / "last.pt")["step"] == 1
+    assert not list(tmp_path.glob(".last.pt.*"))
+
+
+def test_ddp_ranks_agree_on_the_stop(monkeypatch):
+    # Another rank got the Ctrl-C: this one must stop after the same step.
+    trainer = object.__new__(train.Trainer)
+    trainer.dist, trainer.device, trainer.stop_requested = train.Dist(0, 2, 0), "cpu", False
+    seen = {}
+
+    def all_reduce(tensor, op):
+        seen["op"] = op
+        tensor.fill_(1.0)
+
+    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
+    assert trainer._agree_to_stop() is True and seen["op"] == train.dist.ReduceOp.MAX
+    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor, op: None)
+    assert trainer._agree_to_stop() is False
 
 
 def test_ddp_gloo_two_processes_match_one(tmp_path):
