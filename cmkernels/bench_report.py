@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -274,8 +275,22 @@ def chart(data: dict, path: Path) -> None:
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over path (a crash
+    leaves the old report or the new one, never half of one). Kept here rather than importing
+    cmkernels.checkpoint: this module loads without torch."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _have_matplotlib() -> bool:
@@ -302,7 +317,7 @@ def main(argv=None) -> int:
     notes = []
     if not _have_matplotlib():
         notes.append(f"no chart ({png.name} not written): matplotlib is not installed.")
-    md.write_text(markdown(data, notes))
+    _write_text_atomic(md, markdown(data, notes))
     if notes:
         print(f"wrote {md} ({notes[0]})")
         return 0

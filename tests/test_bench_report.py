@@ -41,6 +41,8 @@ def test_table_and_chart(tmp_path):
     assert "| gn | 500 ms | 2 s | 1 s | 4.00x | 2.00x | cmkernels | 4.00x | 2.00x |" in md
     assert "at least as fast as eager and torch.compile in all 1 groups" in md
     assert (tmp_path / "r.png").stat().st_size > 1000
+    # written through temporary files that are renamed over the outputs: none is left behind
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_slower_groups_are_listed_plainly(tmp_path):
