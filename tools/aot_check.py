@@ -32,9 +32,9 @@ How it works:
    (x < 2^31, y and z <= 65535) for the grids the recorded launches used. Spills are reported,
    not failed.
 
-    python tools/aot_check.py            # -> benchmarks/results/aot-sm90-sm80-triton<x.y>.md, .json
+    python tools/aot_check.py            # -> benchmarks/results/aot-sm90-sm80.md, .json.gz
     python tools/aot_check.py --arch 90 -j 2 --out /tmp/aot
-    python tools/aot_check.py --quick    # bf16, the UNet presets' and the benchmarks' shapes only
+    python tools/aot_check.py --quick    # bf16; the benchmarks' shapes, imagenet64 and gray32 UNets
     python tools/aot_check.py --full     # every specialisation (files named ...-full)
 
 Exit status 1 on a compile error, a limit violation, or a package kernel that no recorded
@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import importlib
 import inspect
@@ -936,13 +937,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['jobs']} workers). The package's launchers were run at the shapes of the tests, "
         "the benchmarks and the UNet presets"
         + (
-            " (bf16 and production shapes only: --quick)"
+            " (--quick: bf16 only; the benchmarks' shapes and the imagenet64 / gray32 UNets)"
             if meta["quick"]
             else ", for fp16/bf16/fp32"
         )
         + ", with CMKERNELS_AUTOTUNE on and off; triton's JIT specialised every launch as on "
         f"the GPU. Compiled: {what}. The raw rows (JIT keys, grids, workloads, attributes) are "
-        "in the JSON next to this file.",
+        "in the .json.gz next to this file.",
         "",
         "Limits checked: shared memory per block (sm_90 232448 B, sm_80 166912 B), 255 "
         "registers/thread, 65536 registers/block, 1024 threads/block, grid y/z <= 65535 and "
@@ -1057,7 +1058,11 @@ def main(argv=None) -> int:
         "--out",
         type=Path,
         default=DEFAULT_OUT,
-        help="directory for aot-sm<archs>-triton<version>.md / .json (default: %(default)s)",
+        help="directory for the .md table and the .json.gz rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--name",
+        help="file name stem (default: aot-sm<archs>, plus -quick / -full)",
     )
     parser.add_argument(
         "--full",
@@ -1067,7 +1072,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="bf16 only, the UNet presets' and the benchmarks' shapes only",
+        help="bf16 only; the benchmarks' shapes and the imagenet64 / gray32 UNets only",
     )
     parser.add_argument(
         "-j",
@@ -1120,9 +1125,9 @@ def main(argv=None) -> int:
     rows = [make_row(s, r) for s, r in zip(specs, results)]
     wall = time.perf_counter() - t0
 
-    version = ".".join(triton.__version__.split(".")[:2])
-    name = "-".join(["aot", *(f"sm{a}" for a in archs), f"triton{version}"])
-    name += "-quick" if args.quick else "-full" if args.full else ""
+    name = args.name or "-".join(["aot", *(f"sm{a}" for a in archs)]) + (
+        "-quick" if args.quick else "-full" if args.full else ""
+    )
     meta = dict(
         archs=archs,
         command=" ".join(["python tools/aot_check.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -1139,13 +1144,14 @@ def main(argv=None) -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.md").write_text(markdown(rows, meta))
-    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    with gzip.GzipFile(args.out / f"{name}.json.gz", "wb", mtime=0) as f:  # ~10x smaller
+        f.write((json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n").encode())
 
     problems += [f"{_row_text(x)}: {p}" for x in rows for p in x["problems"]]
     spilled = sum(x.get("spill_stores", 0) > 0 for x in rows)
     print(
         f"{len(rows)} specialisations compiled in {wall:.0f} s ({t_record:.0f} s recording, "
-        f"{args.jobs} workers); {spilled} with spills; tables: {args.out / name}.md, .json"
+        f"{args.jobs} workers); {spilled} with spills; tables: {args.out / name}.md, .json.gz"
     )
     if problems:
         print(f"aot_check: {len(problems)} problem(s):", file=sys.stderr)

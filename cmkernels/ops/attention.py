@@ -576,21 +576,28 @@ def _tile(T: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, fp32 input, d > 64). fwd and dq: a
 # program owns BLOCK_M queries and steps over BLOCK_N keys; dkdv: owns BLOCK_N keys, steps over
-# BLOCK_M queries. Picked from ptxas reports for sm_90 (no or few register spills); fp32 inputs use
-# ieee dots on the FMA units, which need small tiles.
+# BLOCK_M queries. Read off the sm_90 table of tools/aot_check.py (triton 3.8, at d = 64 and
+# d = 128, the largest of each class: benchmarks/results/aot-sm90-sm80.md) by one rule:
+# no register spills on sm_90 and at least 8 warps resident per SM; of those the largest tile, up
+# to 128 x 64 for fp16/bf16 (the tensor cores want large tiles; 128 x 128 leaves one block per
+# SM); if a tile at least half that size is spill-free on sm_80 too, that one; then more resident
+# warps, fewer stages, fewer registers. fp32 inputs use ieee dots on the FMA units, which hold
+# whole operand rows in registers: only 8-warp tiles of 16 rows (fwd at d <= 64: 16 x 64) stay
+# spill-free, and at d > 64 the backward spills in every config (16 x 16 the least, a few hundred
+# bytes per thread).
 _HEURISTIC = {
-    ("fwd", False, False): (128, 64, 4, 3),
-    ("fwd", False, True): (128, 64, 8, 2),
-    ("fwd", True, False): (32, 32, 4, 2),
-    ("fwd", True, True): (32, 16, 8, 2),
+    ("fwd", False, False): (128, 64, 8, 3),
+    ("fwd", False, True): (128, 64, 8, 3),
+    ("fwd", True, False): (16, 64, 8, 2),
+    ("fwd", True, True): (16, 16, 8, 2),
     ("dkdv", False, False): (32, 128, 8, 3),
-    ("dkdv", False, True): (32, 64, 8, 2),
-    ("dkdv", True, False): (16, 32, 4, 2),
-    ("dkdv", True, True): (16, 32, 8, 2),
-    ("dq", False, False): (128, 32, 8, 3),
-    ("dq", False, True): (64, 32, 8, 2),
-    ("dq", True, False): (32, 16, 4, 2),
-    ("dq", True, True): (32, 16, 8, 2),
+    ("dkdv", False, True): (32, 128, 8, 3),
+    ("dkdv", True, False): (16, 16, 8, 2),
+    ("dkdv", True, True): (16, 16, 8, 2),
+    ("dq", False, False): (128, 64, 8, 3),
+    ("dq", False, True): (128, 32, 8, 3),
+    ("dq", True, False): (16, 16, 8, 2),
+    ("dq", True, True): (16, 16, 8, 2),
 }
 
 
