@@ -153,9 +153,9 @@ class Spec:
     variants: int = 1  # recorded specs of the same configuration (set by select)
 
     def config(self) -> tuple:
-        """The launch configuration: kernel, argument types, the kernel's own constexpr
-        parameters, options; everything but the alignment / divisibility attributes and the ints
-        the JIT specialises to 1."""
+        """The launch configuration: kernel, argument types (an int the JIT specialises to 1
+        drops out of them: T = 1 or a unit stride compiles to other code), the kernel's own
+        constexpr parameters, options; everything but the alignment / divisibility attributes."""
         d = json.loads(self.data)
         declared = {p.num for p in _resolve(self.kernel).params if p.is_constexpr}
         types_ = [t for t in d["signature"].values() if t != "constexpr"]
@@ -970,9 +970,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "## Per configuration",
         "",
-        "`n`: specialisations compiled / recorded for the configuration (they differ in "
-        "alignment and divisibility attributes and in ints equal to 1); registers, spills, "
-        "shared memory and blocks/SM give the range over the compiled ones.",
+        "A row groups the launch configurations with the constexprs shown (they can differ in "
+        "argument types: ints equal to 1, which the JIT turns into constants, or the weights' "
+        "dtype); `n`: specialisations compiled / recorded for them (the recorded ones differ "
+        "further in alignment and divisibility attributes). Registers, spills, shared memory "
+        "and blocks/SM give the range over the compiled ones.",
         "",
         "| kernel | arch | dtype | constexprs | warps | stages | n | regs | spills (B) "
         "| shared (B) | blocks/SM | problems |",
