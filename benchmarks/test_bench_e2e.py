@@ -38,8 +38,9 @@ from conftest import DEVICE, ON_GPU, compile_case, skip_unavailable, timed
 from test_bench_heun_step import eager_step1, eager_step2
 
 from cmkernels import losses, ops
-from cmkernels.diffusion import Denoiser, karras_sigmas
-from cmkernels.graph_sampler import GraphedConsistencySampler, consistency_chain
+from cmkernels.diffusion import Denoiser
+from cmkernels.noise_schedule import karras_sigmas
+from cmkernels.sampling import GraphedConsistencySampler, sample_multistep_given_noises
 from cmkernels.unet import UNet, get_preset
 
 # (preset, training batch, sampling batches)
@@ -184,11 +185,11 @@ def test_sample(benchmark, preset, batch, steps, precision, provider):
 
         def run():
             torch.compiler.cudagraph_mark_step_begin()  # a new sample: earlier outputs are free
-            return consistency_chain(fn, z, noises, sigmas, 0.002, labels)
+            return sample_multistep_given_noises(fn, z, noises, sigmas, 0.002, labels)
 
     else:
         fn = compile_case(den) if compiled else den
-        run = lambda: consistency_chain(fn, z, noises, sigmas, 0.002, labels)
+        run = lambda: sample_multistep_given_noises(fn, z, noises, sigmas, 0.002, labels)
     with torch.no_grad():
         median = timed(benchmark, run, group=f"sample-{steps}step-{preset}-b{batch}-{precision}",
                        provider=provider, warmup=3 if compiled else 2, compiled=compiled,

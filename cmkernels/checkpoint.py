@@ -1,7 +1,9 @@
 """Checkpoints: atomic writes, safe loads, and building a denoiser from our files or the official
 state_dicts.
 
-Our format (written by the trainer) is a dict of tensors and plain values:
+This module owns our format: make_checkpoint builds it, save_checkpoint writes it, load_file,
+select_weights and load_denoiser read it; nothing else assembles or picks apart its keys.
+Our format (written by the trainer through make_checkpoint) is a dict of tensors and plain values:
   format "cmkernels", version 1, unet_config (UNetConfig as a dict), denoiser (parameterization,
   sigma_data, sigma_min, sigma_max, c_noise), model (state_dict), emas {rate: state_dict}, plus
   trainer state (target, optimizer, step, config, rng) that sampling ignores, and "checksum":
@@ -296,9 +298,48 @@ def _load_strict(net: UNet, state: dict, source: str, preset: str | None):
     net.load_state_dict(state, strict=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# Our format: the one writer and the readers.
+
+FORMAT = "cmkernels"
+FORMAT_VERSION = 1
+TRAINING_KEYS = ("model", "optimizer", "step", "emas")  # what --resume needs besides the format
+
+
+def denoiser_meta(den: Denoiser) -> dict:
+    """The denoiser settings a checkpoint records beside the UNet config."""
+    return dict(parameterization=den.parameterization, sigma_data=den.sigma_data,
+                sigma_min=den.sigma_min, sigma_max=den.sigma_max, c_noise=den.c_noise_convention)
+
+
+def make_checkpoint(den: Denoiser, emas: dict[str, dict], **trainer_state) -> dict:
+    """A checkpoint of our format: the network of `den` (its config, settings and weights), the
+    evaluation EMAs {rate: state_dict} and any trainer state (target, optimizer, step, config,
+    rng), which sampling ignores. save_checkpoint writes it."""
+    net = den.net
+    return {"format": FORMAT, "version": FORMAT_VERSION,
+            "unet_config": dataclasses.asdict(net.config), "denoiser": denoiser_meta(den),
+            "model": net.state_dict(), "emas": emas, **trainer_state}  # fmt: skip
+
+
+def is_ours(state: dict) -> bool:
+    return state.get("format") == FORMAT
+
+
+def check_training_checkpoint(state: dict, source: str | os.PathLike) -> dict:
+    """`state` if it can continue a run (--resume), else CheckpointError naming what is missing."""
+    for key in TRAINING_KEYS:
+        if key not in state:
+            raise CheckpointError(f"{source} is not a training checkpoint (no {key!r})")
+    return state
+
+
 def select_weights(state: dict, weights: str, source: str | os.PathLike) -> dict:
-    """The state_dict that `weights` names in one of our checkpoints: "ema" (the first
-    evaluation EMA, or the model when there is none), "model", or an EMA rate such as 0.9999."""
+    """The UNet state_dict that `weights` names: for our checkpoints "ema" (the first evaluation
+    EMA, or the model when there is none), "model", or an EMA rate such as 0.9999; a plain
+    state_dict (an official file) is its own weights."""
+    if not is_ours(state) and "model" not in state:
+        return state
     emas = state.get("emas") or {}
     if weights == "ema":
         return next(iter(emas.values())) if emas else state["model"]
@@ -346,7 +387,7 @@ def load_denoiser(
             path, parameterization=parameterization, device=device
         ).denoiser
     state = load_file(path)
-    if state.get("format") == "cmkernels":
+    if is_ours(state):
         cfg = UNetConfig(**state["unet_config"])
         meta = dict(state["denoiser"])
         weights_sd = select_weights(state, weights, path)
@@ -371,29 +412,3 @@ def load_denoiser(
         kind = parameterization or ("edm" if Path(path).name.startswith("edm") else "cm")
         den = Denoiser(net, kind, c_noise="official")
     return den.to(device).eval()
-
-
-def export_weights(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    weights: str = "ema",
-    dtype: torch.dtype = torch.float16,
-    record: dict | None = None,
-) -> Path:
-    """Write a slim inference checkpoint of our format: one set of weights (the first EMA or the
-    model) in `dtype`, no trainer state. `record` (e.g. the training command and metrics) is kept
-    under "record". Loads with load_denoiser like any of our checkpoints."""
-    state = load_file(src)
-    if state.get("format") != "cmkernels":
-        raise CheckpointError(f"{src} is not a cmkernels checkpoint")
-    chosen = select_weights(state, weights, src)
-    slim = {
-        "format": "cmkernels",
-        "version": 1,
-        "unet_config": state["unet_config"],
-        "denoiser": state["denoiser"],
-        "model": {k: v.to(dtype) if v.is_floating_point() else v for k, v in chosen.items()},
-        "emas": {},
-        "record": record or {},
-    }  # fmt: skip
-    return save_checkpoint(slim, dst)

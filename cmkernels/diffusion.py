@@ -10,24 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-SIGMA_MIN = 0.002
-SIGMA_MAX = 80.0
-SIGMA_DATA = 0.5
-RHO = 7.0
-
-
-def karras_sigmas(
-    n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
-    device=None,
-) -> Tensor:  # fmt: skip
-    """The Karras grid of n points, DESCENDING (index 0 = sigma_max), float64, no final 0."""
-    if n < 2:
-        raise ValueError(f"a Karras grid needs at least 2 points, got {n}")
-    i = torch.arange(n, dtype=torch.float64, device=device)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + i / (n - 1) * (lo - hi)) ** rho
-    sigmas[0], sigmas[-1] = sigma_max, sigma_min  # exact endpoints (the power can be 1 ulp off)
-    return sigmas
+from cmkernels.noise_schedule import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 
 
 def edm_scalings(sigma: Tensor, sigma_data: float = SIGMA_DATA):

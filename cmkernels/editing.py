@@ -10,7 +10,7 @@ A and a mask Omega (1 = coefficient of A x to generate, 0 = coefficient of A y t
 
 Every function takes a denoiser `f(x, sigma, class_labels)`, the reference images [B, C, H, W]
 in [-1, 1], the time points and a noise source (a callable returning fresh unit noise shaped
-like the images, e.g. `cmkernels.samplers.PerSampleNoise`).
+like the images, e.g. `cmkernels.sampling.PerSampleNoise`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cmkernels.samplers import (
-    SIGMA_MAX,
-    SIGMA_MIN,
+from cmkernels.noise_schedule import SIGMA_MAX, SIGMA_MIN
+from cmkernels.sampling import (
     NoiseSource,
     consistency_time_points,
     sample_multistep,

@@ -14,16 +14,18 @@ code (our tensor names; loads with torch.load(weights_only=True)).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")
+from cmkernels import cli
+
+PROG = "python -m cmkernels.export"
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the keys of diffusers_format.DTYPES, as sample spells them
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cmkernels.export", description=__doc__.split("\n\n")[0]
-    )
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument(
         "source", metavar="SRC", help="cmkernels checkpoint, official .pt or diffusers directory"
     )
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         "consistency model, as the official CD initialises its student)",
     )
     p.add_argument(
-        "--dtype", choices=DTYPE_NAMES, default="fp32", help="dtype of the written weights"
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default="fp32",
+        help="dtype of the written weights (default: fp32)",
     )
     p.add_argument(
         "--steps",
@@ -63,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line. Errors end it with one line on stderr and SystemExit(2)."""
+    cli.run(PROG, lambda: _main(argv), argv)
+
+
+def _main(argv: list[str] | None) -> None:
     # Imported here so --help is fast.
     from cmkernels import diffusers_format as dfm
-    from cmkernels.checkpoint import CheckpointError, load_denoiser, save_atomic
+    from cmkernels.checkpoint import CheckpointError, save_atomic
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -76,29 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps is not None and args.steps < 2:
         parser.error("--steps must be at least 2")
     try:
-        settings = None
-        if dfm.is_diffusers_source(args.source):
-            if args.preset:
-                raise dfm.DiffusersFormatError("--preset applies to official .pt files")
-            loaded = dfm.load_diffusers(args.source, parameterization=args.parameterization)
-            denoiser, settings = loaded.denoiser, loaded.scheduler
-        else:
-            denoiser = load_denoiser(
-                args.source,
-                preset=args.preset,
-                parameterization=args.parameterization,
-                weights=args.weights,
-            )
+        denoiser, settings = dfm.load_any(args.source, preset=args.preset,
+                                          parameterization=args.parameterization,
+                                          weights=args.weights)  # fmt: skip
         dtype = dfm.DTYPES[args.dtype]
         written = []
         if args.diffusers:
-            settings = dfm.scheduler_settings_of(
-                denoiser,
-                num_train_timesteps=args.steps
-                or (settings.num_train_timesteps if settings else None),
-                rho=settings.rho if settings else None,
-                clip_denoised=settings.clip_denoised if settings else None,
-            )
+            if args.steps is not None:
+                settings = dataclasses.replace(settings, num_train_timesteps=args.steps)
             layout = "unet" if args.unet_only else "pipeline"
             dfm.save_diffusers(
                 denoiser, args.diffusers, scheduler=settings, layout=layout, dtype=dtype
@@ -111,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             save_atomic(state, args.official)
             written.append(f"{args.official} (official-layout state_dict, {len(state)} tensors)")
     except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
-        parser.error(f"cannot export {args.source}: {e}")
+        raise cli.UserError(f"cannot export {args.source}: {e}") from None
     print("wrote " + " and ".join(written))
 
 

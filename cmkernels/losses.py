@@ -1,6 +1,9 @@
 """Training objectives: EDM denoising, consistency distillation (CD) and consistency training (CT,
 with the iCT options), as small callables that return one loss per sample; the trainer reduces.
 
+The training schedules (N(k), mu(k), learning-rate and EMA warm-up) live beside the objectives;
+the noise schedule (Karras grid, tau(u)) is cmkernels.noise_schedule.
+
 Notation as in the paper: the Karras grid sigma_0 > sigma_1 > ... > sigma_{N-1} (index 0 is
 sigma_max); a training pair is (t, t2) = (sigma_n, sigma_{n+1}); f is the consistency model,
 f^- the target network (an EMA of f, or f itself under stop-grad for iCT).
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cmkernels.diffusion import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from cmkernels.noise_schedule import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from cmkernels.ops import heun_step1, heun_step2
 
 # ------------------------------------------------------------------------------------------------
@@ -48,26 +51,75 @@ DISTANCES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 # ------------------------------------------------------------------------------------------------
-# Schedules.
+# Schedules: what changes with the training step k (of K). The paper's values are the defaults:
+# CT s0 = 2, s1 = 150, mu0 = 0.9 (CIFAR-10; ImageNet-64 uses s1 = 200, mu0 = 0.95); iCT s0 = 10,
+# s1 = 1280; CD a fixed grid of N = 18 points with target rate mu = 0.95 (ImageNet-64).
+
+CD_NUM_SCALES, CD_TARGET_EMA = 18, 0.95
+CT_S0, CT_S1, CT_MU0 = 2, 150, 0.9
+ICT_S0, ICT_S1 = 10, 1280
 
 
-def ct_num_scales(step: int, total: int, s0: int = 2, s1: int = 150) -> int:
+def ct_num_scales(step: int, total: int, s0: int = CT_S0, s1: int = CT_S1) -> int:
     """N(k) of the CT paper: ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1."""
     frac = step / max(total, 1)
     return int(math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1)) + 1
 
 
-def ct_target_ema(num_scales: int, s0: int = 2, mu0: float = 0.95) -> float:
+def ct_target_ema(num_scales: int, s0: int = CT_S0, mu0: float = CT_MU0) -> float:
     """mu(k) = exp(s0 ln(mu0) / N(k)). (The official code divides by N(k) - 1; we follow the
     paper's formula.)"""
     return math.exp(s0 * math.log(mu0) / num_scales)
 
 
-def ict_num_scales(step: int, total: int, s0: int = 10, s1: int = 1280) -> int:
+def ict_num_scales(step: int, total: int, s0: int = ICT_S0, s1: int = ICT_S1) -> int:
     """iCT doubling curriculum: N(k) = min(s0 2^floor(k / K'), s1) + 1,
     K' = floor(K / (log2 floor(s1 / s0) + 1))."""
     k_prime = max(1, math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
+
+
+@dataclass(frozen=True)
+class ConsistencySchedule:
+    """N(k) grid points and the target network's rate mu(k) of a run.
+
+    kind: "cd" (fixed N and mu), "ct" (the CT paper's N(k), mu(k)) or "ict" (doubling N(k),
+    mu = 0: the target is stopgrad(theta)).
+    """
+
+    kind: str
+    total_steps: int
+    num_scales: int = CD_NUM_SCALES  # cd
+    target_ema: float = CD_TARGET_EMA  # cd
+    s0: int = CT_S0  # ct / ict
+    s1: int = CT_S1
+    mu0: float = CT_MU0  # ct
+
+    def scales_at(self, step: int) -> int:
+        if self.kind == "ict":
+            return ict_num_scales(step, self.total_steps, self.s0, self.s1)
+        if self.kind == "ct":
+            return ct_num_scales(step, self.total_steps, self.s0, self.s1)
+        return self.num_scales
+
+    def target_rate(self, num_scales: int) -> float:
+        if self.kind == "ict":
+            return 0.0
+        if self.kind == "ct":
+            return ct_target_ema(num_scales, self.s0, self.mu0)
+        return self.target_ema
+
+
+def warmup_lr(lr: float, step: int, warmup: int) -> float:
+    """Linear learning-rate warm-up over the first `warmup` steps (step counts from 0)."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def ema_warmup_rates(rates, step: int, enabled: bool = True) -> list[float]:
+    """Evaluation-EMA rates at step k: min(r, (1 + k) / (10 + k)) while warming up."""
+    if not enabled:
+        return list(rates)
+    return [min(r, (1 + step) / (10 + step)) for r in rates]
 
 
 def ict_index_probs(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
@@ -139,7 +191,7 @@ class ConsistencyLoss:
     sampling: str = "uniform"
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
-    rho: float = 7.0
+    rho: float = RHO
 
     def draw(self, B: int, gen: torch.Generator, num_scales: int) -> dict[str, Tensor]:
         """Per-sample (t, t2) = (sigma_n, sigma_{n+1}) of a (global) batch of B, from a Karras grid

@@ -22,45 +22,41 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cmkernels import cli, editing, images, samplers
+from cmkernels import cli, editing, images, sampling
+from cmkernels.diffusers_format import DTYPES, SchedulerSettings, load_any
+from cmkernels.noise_schedule import RHO, ts_to_sigmas
+from cmkernels.sampling import GraphedConsistencySampler
 
 TASKS = ("generate", "inpaint", "colorize", "superres", "denoise", "stroke", "interpolate")
 SAMPLERS = ("onestep", "multistep", "heun", "euler")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NEEDS_IMAGE = ("inpaint", "colorize", "superres", "denoise", "stroke")
 MASKED_EDITS = ("inpaint", "colorize", "superres")
 GRID_MAX = 256  # Images shown in samples.png (the .npz holds all of them).
 PROG = "python -m cmkernels.sample"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    return values
+def comma_list(kind: type, what: str):
+    """An argparse type: a nonempty comma-separated list of finite `kind` values ("0,22,39")."""
 
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        if not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected finite {what}, got {text!r}")
+        return values
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        msg = f"expected comma-separated numbers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"noise levels must be finite numbers, got {text!r}")
-    return values
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ts",
-        type=_int_list,
+        type=comma_list(int, "integers"),
         metavar="I,J,...",
         help="time points as indices into the --steps grid, e.g. 0,22,39",
     )
     p.add_argument(
         "--sigmas",
-        type=_float_list,
+        type=comma_list(float, "numbers"),
         metavar="S,...",
         help="explicit descending time points (noise levels), e.g. 80,0.8; "
         "default for inpaint/colorize/superres: every point of the --steps grid, "
@@ -172,14 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=tuple(DTYPES),
         default="fp32",
-        help="network compute dtype (autocast; default fp32); the sampler state stays fp32",
+        help="dtype the network computes in (autocast; default: fp32); the sampler state "
+        "stays fp32",
     )
     return p
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks that need no model; each failure exits through parser.error. The output folder is
-    created and tried for writing here, before any image is computed."""
+    tried for writing here, before any image is computed (it is created when the images are
+    written)."""
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num-samples and --batch-size must be positive")
     if args.steps is not None and args.steps < 1:
@@ -208,9 +206,17 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"bad --device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is available")
+    check_out_folder(args.out)
+
+
+def check_out_folder(out: str) -> None:
+    """A CheckpointError unless files can be written in `out`, tried in the nearest folder that
+    exists so that nothing is created yet (check_writable creates the folder it tries)."""
     from cmkernels.checkpoint import check_writable
 
-    check_writable(args.out, "--out")
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    check_writable(existing, "--out" if existing == path else f"--out {out}: the folder")
 
 
 def check_steps(parser, args: argparse.Namespace, sampler: str | None) -> None:
@@ -228,38 +234,18 @@ def check_steps(parser, args: argparse.Namespace, sampler: str | None) -> None:
     )
 
 
-def load_model(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None):
+def load_model(args: argparse.Namespace):
     """(Denoiser of --checkpoint on --device in eval mode, SchedulerSettings: the sampler's
-    defaults); a user-facing error on failure (exit status 2 for a diffusers directory)."""
-    # Imported here: they pull in the UNet.
-    from cmkernels import diffusers_format
-    from cmkernels.checkpoint import load_denoiser
-
-    if diffusers_format.is_diffusers_source(args.checkpoint):
-        try:
-            if args.preset is not None:
-                raise ValueError("--preset applies to official .pt files, not the diffusers layout")
-            loaded = diffusers_format.load_diffusers(
-                args.checkpoint, parameterization=args.parameterization, device=args.device
-            )
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise cli.UserError(f"cannot load {args.checkpoint}: {e}") from None
-        return loaded.denoiser, loaded.scheduler
+    defaults); a one-line user error on failure."""
     try:
-        denoiser = load_denoiser(
-            args.checkpoint,
-            preset=args.preset,
-            parameterization=args.parameterization,
-            weights=args.weights,
-            device=args.device,
-        )
+        return load_any(args.checkpoint, preset=args.preset, parameterization=args.parameterization,
+                        weights=args.weights, device=args.device)  # fmt: skip
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise cli.UserError(f"cannot load {args.checkpoint}: {e}") from None
-    return denoiser, diffusers_format.SchedulerSettings()
 
 
 def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: float,
-                grid_points: int = 40, rho: float = samplers.RHO):  # fmt: skip
+                grid_points: int = 40, rho: float = RHO):  # fmt: skip
     """The noise levels of the run: --sigmas, --ts of the --steps grid, or the task's default.
     grid_points / rho: the Karras grid --ts indexes unless --steps is given (a diffusers
     scheduler's num_train_timesteps and rho)."""
@@ -267,10 +253,10 @@ def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: 
         return None
     try:
         if args.sigmas is not None:
-            return samplers.check_sigmas(args.sigmas)
+            return sampling.check_sigmas(args.sigmas)
         steps = args.steps or (18 if sampler in ("heun", "euler") else grid_points)
         if args.ts is not None:
-            return samplers.ts_to_sigmas(args.ts, steps, sigma_min, sigma_max, rho).tolist()
+            return ts_to_sigmas(args.ts, steps, sigma_min, sigma_max, rho).tolist()
         if args.task == "stroke":
             return list(editing.STROKE_SIGMAS)
         if sampler == "multistep":
@@ -278,9 +264,19 @@ def time_points(parser, args, sampler: str | None, sigma_min: float, sigma_max: 
         if steps < 2:
             raise ValueError("--steps must be at least 2 for a grid of noise levels")
         # heun/euler: the Karras grid of --steps points; masked edits: every point of it.
-        return samplers.ts_to_sigmas(range(steps), steps, sigma_min, sigma_max, rho).tolist()
+        return ts_to_sigmas(range(steps), steps, sigma_min, sigma_max, rho).tolist()
     except ValueError as e:
         parser.error(str(e))
+
+
+@dataclass
+class Plan:
+    """What every batch of the run does, fixed before the first one."""
+
+    sampler: str | None  # generate: onestep | multistep | heun | euler; None for the other tasks
+    sigmas: list[float] | None  # the time points (None: one step)
+    scheduler: SchedulerSettings  # the checkpoint's scheduler (clip_denoised: clamp f's output)
+    graphed: GraphedConsistencySampler | None = None  # --cuda-graph: replaces the eager sampler
 
 
 @dataclass
@@ -307,26 +303,27 @@ def load_inputs(parser, args, channels: int, size: int, device) -> Inputs:
     return Inputs(image, mask)
 
 
-def run_batch(args, denoiser, sampler, sigmas, inputs: Inputs, noise, labels, indices) -> Tensor:
+def run_batch(args, denoiser, plan: Plan, inputs: Inputs, noise, labels, indices) -> Tensor:
     """Samples of one batch [B, C, H, W] in [-1, 1] (float32)."""
     smin, smax = denoiser.sigma_min, denoiser.sigma_max
+    sampler, sigmas = plan.sampler, plan.sigmas
     kw = dict(class_labels=labels, sigma_min=smin, sigma_max=smax)
     task = args.task
     if task == "generate":
         z = noise()  # (B, C, H, W)
-        if args.graphed is not None:  # the same draws, in the same order, as sample_multistep
-            taus = args.graphed.sigmas
-            return args.graphed(z, [noise() for _ in taus[1:]], labels)
-        clamp = args.scheduler.clip_denoised
+        if plan.graphed is not None:  # the same draws, in the same order, as sample_multistep
+            noises = [noise() for _ in range(plan.graphed.noises_per_sample)]
+            return plan.graphed(z, noises, labels)
+        clamp = plan.scheduler.clip_denoised
         if sampler == "onestep":
-            return samplers.sample_onestep(denoiser, z, smax, labels, clamp=clamp)
+            return sampling.sample_onestep(denoiser, z, smax, labels, clamp=clamp)
         if sampler == "multistep":
-            return samplers.sample_multistep(denoiser, z, sigmas, noise, clamp=clamp, **kw)
-        sample = samplers.sample_heun if sampler == "heun" else samplers.sample_euler
+            return sampling.sample_multistep(denoiser, z, sigmas, noise, clamp=clamp, **kw)
+        sample = sampling.sample_heun if sampler == "heun" else sampling.sample_euler
         return sample(denoiser, z, sigmas, labels)
     if task == "interpolate":
         z0 = noise()  # Every row is the noise of --seed; z1 that of --seed + 1.
-        z1 = samplers.randn_per_sample([args.seed + 1] * len(indices), z0.shape[1:], z0.device)
+        z1 = sampling.randn_per_sample([args.seed + 1] * len(indices), z0.shape[1:], z0.device)
         weights = torch.tensor(indices, dtype=torch.float64) / max(args.num_samples - 1, 1)
         return editing.interpolate(denoiser, z0, z1, weights, smax, labels)
     y = inputs.image.expand(len(indices), -1, -1, -1)  # (B, C, h, w)
@@ -354,7 +351,7 @@ def _main(argv: list[str] | None) -> None:
     check_args(parser, args)
     device = torch.device(args.device)
 
-    denoiser, args.scheduler = load_model(args, parser)
+    denoiser, scheduler = load_model(args)
     if args.channels_last:  # NHWC weights make every convolution produce NHWC activations
         denoiser = denoiser.to(memory_format=torch.channels_last)
     config = denoiser.net.config
@@ -374,10 +371,10 @@ def _main(argv: list[str] | None) -> None:
             else "onestep"
         )
     check_steps(parser, args, sampler)
-    grid = (args.scheduler.num_train_timesteps, args.scheduler.rho)  # --ts grid defaults
+    grid = (scheduler.num_train_timesteps, scheduler.rho)  # --ts grid defaults
     sigmas = time_points(parser, args, sampler, denoiser.sigma_min, denoiser.sigma_max, *grid)
     inputs = load_inputs(parser, args, channels, size, device)
-    args.graphed = None
+    plan = Plan(sampler, sigmas, scheduler)
     if args.cuda_graph:
         if device.type != "cuda":
             parser.error("--cuda-graph needs --device cuda")
@@ -385,13 +382,13 @@ def _main(argv: list[str] | None) -> None:
             parser.error(
                 "--cuda-graph applies to --task generate with the onestep/multistep sampler"
             )
-        from cmkernels.graph_sampler import GraphedConsistencySampler
-
-        taus = [denoiser.sigma_max] if sampler == "onestep" else samplers.consistency_time_points(
-            sigmas, denoiser.sigma_min, denoiser.sigma_max)  # fmt: skip
-        clamp = args.scheduler.clip_denoised
-        args.graphed = GraphedConsistencySampler(
-            denoiser, (channels, size, size), taus, denoiser.sigma_min, clamp=clamp
+        plan.graphed = GraphedConsistencySampler(
+            denoiser,
+            (channels, size, size),
+            [denoiser.sigma_max] if sampler == "onestep" else sigmas,
+            denoiser.sigma_min,
+            denoiser.sigma_max,
+            clamp=scheduler.clip_denoised,
         )
 
     autocast = contextlib.nullcontext()
@@ -407,14 +404,14 @@ def _main(argv: list[str] | None) -> None:
             if args.task == "interpolate"
             else [args.seed + i for i in indices]
         )
-        noise = samplers.PerSampleNoise(seeds, (channels, size, size), device)
+        noise = sampling.PerSampleNoise(seeds, (channels, size, size), device)
         labels = None
         if num_classes is not None:
             labels = noise.randint(num_classes)  # (B,), drawn before the noise
             if args.class_label is not None:
                 labels = torch.full_like(labels, args.class_label)
         with torch.inference_mode(), autocast:
-            x = run_batch(args, denoiser, sampler, sigmas, inputs, noise, labels, indices)
+            x = run_batch(args, denoiser, plan, inputs, noise, labels, indices)
         all_images.append(images.to_uint8(x.float()))
         if labels is not None:
             all_labels.append(labels.cpu().numpy())

@@ -28,7 +28,7 @@ from cmkernels import ops as _ops
 
 GROUPS = 32  # GroupNorm groups of every norm layer
 NORM_EPS = 1e-5
-OPS_KINDS = ("kernels", "reference", "eager")
+OPS_KINDS = ("kernels", "reference", "eager")  # the OpSets of OP_SETS below
 
 
 @dataclass
@@ -91,6 +91,21 @@ class UNetConfig:
         return cls(**values)
 
 
+# The small grayscale networks (MNIST-sized; attention at the 8x8 / 7x7 level).
+_SMALL_GRAY = UNetConfig(
+    image_size=32,
+    in_channels=1,
+    out_channels=1,
+    model_channels=32,
+    num_res_blocks=1,
+    channel_mult=(1, 2, 2),
+    attention_resolutions=(8,),
+    num_heads=2,
+    num_head_channels=-1,
+    num_classes=None,
+    dropout=0.1,
+)
+
 PRESETS: dict[str, UNetConfig] = {
     # The official configurations (openai/consistency_models).
     "imagenet64": UNetConfig(),
@@ -103,32 +118,8 @@ PRESETS: dict[str, UNetConfig] = {
         num_classes=None,
     ),  # fmt: skip
     # Small networks that train on a CPU in minutes.
-    "gray28": UNetConfig(
-        image_size=28,
-        in_channels=1,
-        out_channels=1,
-        model_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2, 2),
-        attention_resolutions=(7,),
-        num_heads=2,
-        num_head_channels=-1,
-        num_classes=None,
-        dropout=0.1,
-    ),  # fmt: skip
-    "gray32": UNetConfig(
-        image_size=32,
-        in_channels=1,
-        out_channels=1,
-        model_channels=32,
-        num_res_blocks=1,
-        channel_mult=(1, 2, 2),
-        attention_resolutions=(8,),
-        num_heads=2,
-        num_head_channels=-1,
-        num_classes=None,
-        dropout=0.1,
-    ),  # fmt: skip
+    "gray28": dataclasses.replace(_SMALL_GRAY, image_size=28, attention_resolutions=(7,)),
+    "gray32": _SMALL_GRAY,
     "rgb32": UNetConfig(
         image_size=32,
         in_channels=3,
@@ -193,28 +184,35 @@ def attention_eager(qkv: Tensor, num_heads: int) -> Tensor:
     return out.transpose(-1, -2).reshape(B, num_heads * d, T)
 
 
+@dataclass(frozen=True)
+class OpSet:
+    """The two op sites of the network: GroupNorm(+scale/shift)(+SiLU) and packed attention."""
+
+    groupnorm_silu: object
+    attention: object
+
+
+OP_SETS = {
+    "kernels": OpSet(_ops.groupnorm_silu, _ops.attention),
+    "reference": OpSet(_ops.groupnorm_silu_ref, _ops.attention_ref),
+    "eager": OpSet(groupnorm_silu_eager, attention_eager),
+}
+
+
 class _Ops:
-    """Resolves the op implementations at call time (so later replacements are picked up)."""
+    """The op sites of one UNet; `config.ops` picks the OpSet at each call, so set_ops() switches
+    every block of a built network."""
 
     def __init__(self, config: UNetConfig):
         self.config = config
 
     def gn(self, x, norm: nn.GroupNorm, scale=None, shift=None, activation=True):
-        kind = self.config.ops
-        if kind == "kernels":
-            fn = _ops.groupnorm_silu
-        else:
-            fn = _ops.groupnorm_silu_ref if kind == "reference" else groupnorm_silu_eager
+        fn = OP_SETS[self.config.ops].groupnorm_silu
         return fn(x, norm.weight, norm.bias, scale, shift, groups=norm.num_groups, eps=norm.eps,
                   activation=activation)  # fmt: skip
 
     def attention(self, qkv, num_heads):
-        kind = self.config.ops
-        if kind == "kernels":
-            fn = _ops.attention
-        else:
-            fn = _ops.attention_ref if kind == "reference" else attention_eager
-        return fn(qkv, num_heads)
+        return OP_SETS[self.config.ops].attention(qkv, num_heads)
 
 
 def _norm(ch: int) -> nn.GroupNorm:

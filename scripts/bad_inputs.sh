@@ -63,6 +63,7 @@ check() {  # check PROG ARGS...: expect a non-zero exit and one line, no traceba
 }
 T="cmkernels.train --no-progress"
 S="cmkernels.sample --device cpu"
+X="cmkernels.export"
 E="cmkernels.evaluate"
 
 echo "== train"
@@ -108,6 +109,17 @@ check $S --checkpoint "$TEACHER" --sampler euler --sigmas nan,1 --out "$W/s"
 check $S --checkpoint "$TEACHER" --task colorize --image "$W/mixed/a.png" --out "$W/s"
 check $S --checkpoint "$TEACHER" --class-label 3 --out "$W/s"
 check $S --checkpoint "$TEACHER" --out "$W/a_file/out"
+check $S --checkpoint "$TEACHER" --dtype fp64 --out "$W/s"
+
+echo "== export"
+check $X "$TEACHER"
+check $X "$W/nope.pt" --official "$W/x.pt"
+check $X "$W/pickle.pt" --official "$W/x.pt"
+check $X "$TEACHER" --unet-only --official "$W/x.pt"
+check $X "$TEACHER" --dtype fp64 --official "$W/x.pt"
+check $X "$TEACHER" --diffusers "$W/d"
+check $X "$TEACHER" --parameterization cm --diffusers "$W/d" --steps 1
+check $X "$TEACHER" --official "$W/a_file/x.pt"
 
 echo "== evaluate"
 check $E --generated "$W/nope.npz" --reference mnist

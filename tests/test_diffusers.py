@@ -26,9 +26,16 @@ from diffusers import (  # noqa: E402
 )
 
 from cmkernels import diffusers_format as dfm  # noqa: E402
-from cmkernels import export, sample, samplers  # noqa: E402
-from cmkernels.checkpoint import build_unet_meta, load_denoiser, load_file  # noqa: E402
+from cmkernels import export, sample, sampling  # noqa: E402
+from cmkernels.checkpoint import (  # noqa: E402
+    build_unet_meta,
+    load_denoiser,
+    load_file,
+    make_checkpoint,
+    save_checkpoint,
+)
 from cmkernels.diffusion import Denoiser, c_noise  # noqa: E402
+from cmkernels.noise_schedule import ts_to_sigmas  # noqa: E402
 from cmkernels.unet import PRESETS, AttentionBlock, UNet, UNetConfig, get_preset  # noqa: E402
 
 RTOL = 1e-5  # max |ours - diffusers| / max |diffusers| in fp32
@@ -42,50 +49,41 @@ needs_data = pytest.mark.skipif(
     not (DATA / "official_unet_reference.pt").exists(), reason=f"no official data at {DATA}"
 )
 
-# Small UNet2DModel configs of the consistency-model family (ADM UNet in diffusers' names).
+
+def family_config(widths, attention, resampling, scale_shift, head_dim, classes=None,
+                  channels=3, layers=1) -> dict:  # fmt: skip
+    """A small UNet2DModel config of the consistency-model family (ADM UNet in diffusers' names):
+    attention per level, "resnet" or "conv" resampling, scale-shift norm or not (with it, the
+    attention GroupNorm is given explicitly)."""
+    plain_down = {"resnet": "ResnetDownsampleBlock2D", "conv": "DownBlock2D"}[resampling]
+    plain_up = {"resnet": "ResnetUpsampleBlock2D", "conv": "UpBlock2D"}[resampling]
+    config = dict(
+        sample_size=16,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        down_block_types=["AttnDownBlock2D" if a else plain_down for a in attention],
+        up_block_types=["AttnUpBlock2D" if a else plain_up for a in reversed(attention)],
+        downsample_type=resampling,
+        upsample_type=resampling,
+        resnet_time_scale_shift="scale_shift" if scale_shift else "default",
+        attention_head_dim=head_dim,
+        num_class_embeds=classes,
+    )
+    if scale_shift:
+        config["attn_norm_num_groups"] = 32
+    return config
+
+
 FAMILY = {
     # ImageNet-64 style: class-conditional, scale-shift norm, ResBlock resampling.
-    "imagenet-like": dict(
-        sample_size=16,
-        block_out_channels=[32, 64],
-        layers_per_block=1,
-        down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D"],
-        up_block_types=["AttnUpBlock2D", "ResnetUpsampleBlock2D"],
-        downsample_type="resnet",
-        upsample_type="resnet",
-        resnet_time_scale_shift="scale_shift",
-        attn_norm_num_groups=32,
-        attention_head_dim=16,
-        num_class_embeds=10,
-    ),
+    "imagenet-like": family_config([32, 64], [False, True], "resnet", True, 16, classes=10),
     # LSUN-256 style: unconditional, no scale-shift (the mid attention's GroupNorm by default).
-    "lsun-like": dict(
-        sample_size=16,
-        block_out_channels=[32, 32, 64],
-        layers_per_block=1,
-        down_block_types=["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-        up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
-        downsample_type="resnet",
-        upsample_type="resnet",
-        resnet_time_scale_shift="default",
-        attention_head_dim=16,
-    ),
+    "lsun-like": family_config([32, 32, 64], [False, True, True], "resnet", False, 16),
     # Strided-conv / conv resampling, one attention head, gray, 3 classes, 2 ResBlocks per level.
-    "conv-resample": dict(
-        sample_size=16,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=[32, 64, 64],
-        layers_per_block=2,
-        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-        downsample_type="conv",
-        upsample_type="conv",
-        resnet_time_scale_shift="scale_shift",
-        attn_norm_num_groups=32,
-        attention_head_dim=None,
-        num_class_embeds=3,
-    ),
+    "conv-resample": family_config([32, 64, 64], [False, True, False], "conv", True, None,
+                                   classes=3, channels=1, layers=2),  # fmt: skip
 }
 SIGMAS = torch.tensor([0.002, 0.8, 80.0])
 
@@ -166,7 +164,7 @@ def test_every_tensor_is_mapped(family, name):
     mapped = [n for r in rules for n in r.theirs]
     assert len(mapped) == len(set(mapped)) and set(mapped) == set(theirs)
     for r in rules:
-        assert [theirs[n] for n in r.theirs] == dfm._their_shapes(r, ours[r.ours])
+        assert [theirs[n] for n in r.theirs] == dfm.their_shapes(r, ours[r.ours])
     # Our config written out and read back gives the same network (heads may be given per
     # width instead of as a count: the same split).
     again = dfm.unet_config_from_diffusers(dfm.diffusers_config_from_unet(cfg))
@@ -206,7 +204,7 @@ def test_official_full_layouts_map_onto_unet2dmodel(preset):
     rules = dfm.tensor_rules(cfg)
     assert {r.ours for r in rules} == set(layout)
     expected = {
-        n: s for r in rules for n, s in zip(r.theirs, dfm._their_shapes(r, tuple(layout[r.ours])))
+        n: s for r in rules for n, s in zip(r.theirs, dfm.their_shapes(r, tuple(layout[r.ours])))
     }
     assert expected == theirs
 
@@ -320,8 +318,39 @@ def test_export_cli_options(family, tmp_path):
         v.dtype == torch.float16 and torch.equal(v, want[k].half()) for k, v in stored.items()
     )
     UNet2DModel.from_pretrained(out, torch_dtype=torch.float16)
-    exit = run_cli(export.main, [path])
-    assert exit is not None and exit.code == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "nothing to write"),
+    (["--official", "x.pt", "--unet-only"], "--unet-only goes with --diffusers"),
+    (["--official", "x.pt", "--preset", "imagenet64"], "diffusers layout"),
+    (["--official", "x.pt", "--dtype", "fp64"], "invalid choice"),
+])
+def test_export_errors_are_one_line(family, capsys, extra, message):
+    _, path = family["imagenet-like"]
+    exit = run_cli(export.main, [path, *extra])
+    err = capsys.readouterr().err.strip()
+    assert exit is not None and exit.code == 2, err
+    assert err.startswith("python -m cmkernels.export: error: ") and "\n" not in err, err
+    assert message in err
+
+
+def test_load_any_gives_the_scheduler_of_each_source(family, tmp_path):
+    model, path = family["lsun-like"]
+    den, settings = dfm.load_any(path)
+    assert settings == dfm.load_diffusers(path).scheduler
+    mine = tmp_path / "official.pt"
+    assert run_cli(export.main, [path, "--official", mine]) is None
+    cfg = dfm.unet_config_from_diffusers(dict(model.config))
+    with pytest.raises(dfm.DiffusersFormatError, match="preset"):
+        dfm.load_any(path, preset="lsun256")
+    net = UNet(cfg)
+    net.load_state_dict(load_file(mine))
+    ours = tmp_path / "ours.pt"
+    save_checkpoint(make_checkpoint(Denoiser(net, "cm", sigma_min=0.01, sigma_max=40.0), {}), ours)
+    den, settings = dfm.load_any(ours)
+    assert (den.sigma_min, den.sigma_max) == (0.01, 40.0)
+    assert settings == dfm.SchedulerSettings(sigma_min=0.01, sigma_max=40.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,18 +373,18 @@ def test_one_and_two_step_samples_match_the_pipeline(family, name):
             dict(
                 num_inference_steps=None, timesteps=dfm.ts_to_diffusers_timesteps([0, 22, 39], 40)
             ),
-            samplers.ts_to_sigmas([0, 22, 39], 40).tolist(),
+            ts_to_sigmas([0, 22, 39], 40).tolist(),
         ),
         "num_inference_steps=2": (
             dict(num_inference_steps=2),
-            samplers.ts_to_sigmas(dfm.num_inference_steps_timesteps(2, 40)[::-1], 40).tolist(),
+            ts_to_sigmas(dfm.num_inference_steps_timesteps(2, 40)[::-1], 40).tolist(),
         ),
     }
     for case, (kwargs, sigmas) in cases.items():
-        noise = samplers.PerSampleNoise(seeds, shape)
+        noise = sampling.PerSampleNoise(seeds, shape)
         z = noise()
         with torch.no_grad():
-            ours = samplers.sample_multistep(den, z, sigmas, noise, labels)
+            ours = sampling.sample_multistep(den, z, sigmas, noise, labels)
         gens, _ = per_sample_generators(seeds)
         latents = torch.stack([torch.randn(shape, generator=g) for g in gens])  # = z
         theirs = pipe(
@@ -567,9 +596,9 @@ def test_teacher_exported_reproduces_one_step_samples(tmp_path, capsys):
     diff = np.abs(ours.astype(int) - theirs.astype(int))
     den = load_denoiser(TEACHER, parameterization="cm")
     with torch.no_grad():
-        z = samplers.randn_per_sample([3, 4, 5, 6], (1, 32, 32))
+        z = sampling.randn_per_sample([3, 4, 5, 6], (1, 32, 32))
         float_err = np.abs(
-            (samplers.sample_onestep(den, z).numpy().transpose(0, 2, 3, 1) + 1) / 2 - result
+            (sampling.sample_onestep(den, z).numpy().transpose(0, 2, 3, 1) + 1) / 2 - result
         ).max()
     print(
         f"\nMNIST teacher as CM: one-step max abs. error vs the pipeline {float_err:.2g}; "
@@ -628,7 +657,7 @@ def test_official_ts_are_these_diffusers_timesteps(ts, steps, timesteps):
     assert dfm.diffusers_timesteps_to_ts(timesteps, steps) == ts
     sched = CMStochasticIterativeScheduler(num_train_timesteps=steps)
     sched.set_timesteps(timesteps=timesteps)
-    want = samplers.ts_to_sigmas(ts, steps)  # the evaluated points, then sigma_min
+    want = ts_to_sigmas(ts, steps)  # the evaluated points, then sigma_min
     torch.testing.assert_close(sched.sigmas.double(), want, rtol=1e-6, atol=0)
 
 
@@ -637,6 +666,6 @@ def test_num_inference_steps_two_is_sigma_80_then_2_24():
     sched.set_timesteps(num_inference_steps=2)
     assert dfm.num_inference_steps_timesteps(2, 40) == [20, 0]
     torch.testing.assert_close(
-        sched.sigmas.double(), samplers.ts_to_sigmas([0, 20, 39], 40), rtol=1e-6, atol=0
+        sched.sigmas.double(), ts_to_sigmas([0, 20, 39], 40), rtol=1e-6, atol=0
     )
     assert abs(sched.sigmas[1].item() - 2.2404) < 1e-4

@@ -19,12 +19,12 @@ from cmkernels.editing import (
     stroke_guided,
     superresolve,
 )
-from cmkernels.samplers import (
+from cmkernels.noise_schedule import ts_to_sigmas
+from cmkernels.sampling import (
     PerSampleNoise,
     randn_per_sample,
     sample_multistep,
     sample_onestep,
-    ts_to_sigmas,
 )
 
 SIGMAS = ts_to_sigmas([0, 10, 22, 39], 40)  # Three evaluations.

@@ -277,6 +277,15 @@ def test_unwritable_out_fails_before_sampling(ckpt, tmp_path, capsys, monkeypatc
     assert "--out" in one_line_error(capsys, exit)
 
 
+def test_out_is_created_only_when_images_are_written(ckpt, tmp_path, capsys):
+    out = tmp_path / "new" / "out"
+    exit = run(["--checkpoint", tmp_path / "nope.pt", "--out", out])
+    assert "nope.pt" in one_line_error(capsys, exit)
+    assert not (tmp_path / "new").exists()
+    assert run(["--checkpoint", ckpt, "--num-samples", 1, "--out", out]) is None
+    assert (out / "samples.npz").exists()
+
+
 def test_outputs_are_written_atomically(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert run(["--checkpoint", ckpt, "--num-samples", 2, "--out", out]) is None

@@ -4,17 +4,16 @@ import pytest
 import torch
 from cm_standins import ConvCM, GaussianCM, GaussianEDM
 
-from cmkernels.samplers import (
+from cmkernels.noise_schedule import karras_sigmas, tau, tau_derivative, ts_to_sigmas
+from cmkernels.ops import heun_step1, heun_step2
+from cmkernels.sampling import (
     PerSampleNoise,
     check_sigmas,
-    heun_stage1,
-    heun_stage2,
     randn_per_sample,
     sample_euler,
     sample_heun,
     sample_multistep,
     sample_onestep,
-    ts_to_sigmas,
 )
 
 SHAPE = (3, 8, 8)
@@ -71,6 +70,22 @@ def test_ts_to_sigmas_official_two_step():
     torch.testing.assert_close(grid[1:-1], expected[1:-1], rtol=1e-12, atol=0)
 
 
+def test_tau_is_the_spec_map_and_the_grid_lies_on_it():
+    u = torch.rand(257, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    torch.testing.assert_close(tau(u), (lo + u * (hi - lo)) ** 7, rtol=1e-12, atol=0)
+    assert tau(torch.tensor(0.0, dtype=torch.float64)).item() == pytest.approx(0.002, rel=1e-12)
+    assert tau(torch.tensor(1.0, dtype=torch.float64)).item() == pytest.approx(80.0, rel=1e-12)
+    # tau'(u) against autograd of tau.
+    v = u.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(tau(v).sum(), v)
+    torch.testing.assert_close(tau_derivative(u), grad, rtol=1e-10, atol=0)
+    # The discrete grid is tau at u = 1 - i / (N - 1), descending.
+    n = 18
+    i = torch.arange(n, dtype=torch.float64)
+    torch.testing.assert_close(karras_sigmas(n), tau(1 - i / (n - 1)), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("ts, steps", [([0, 40], 40), ([-1, 3], 40), ([0, 22, 22], 40),
                                        ([22, 0], 40), ([], 40), ([0], 1)])
 def test_ts_to_sigmas_rejects_bad_input(ts, steps):
@@ -82,6 +97,15 @@ def test_ts_to_sigmas_rejects_bad_input(ts, steps):
 def test_check_sigmas_rejects_bad_input(sigmas):
     with pytest.raises(ValueError):
         check_sigmas(sigmas)
+
+
+@pytest.mark.parametrize("sigmas", [[80, math.nan], [math.nan, 1], [math.inf, 1],
+                                    torch.tensor([80.0, math.nan])])  # fmt: skip
+def test_check_sigmas_rejects_non_finite_levels(sigmas):
+    with pytest.raises(ValueError, match="finite"):
+        check_sigmas(sigmas)
+    with pytest.raises(ValueError, match="finite"):
+        sample_multistep(ConvCM(), torch.randn(1, *SHAPE), sigmas, lambda: torch.randn(1, *SHAPE))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,12 +195,12 @@ def test_heun_stages_match_the_spec():
     x, D, D1 = (torch.randn(2, *SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([3.0, 0.7], dtype=torch.float64)
     tn = torch.tensor([1.5, 0.2], dtype=torch.float64)
-    x1, d = heun_stage1(x, D, t, tn)
+    x1, d = heun_step1(x, D, t, tn)
     for i in range(2):
         di = (x[i] - D[i]) / t[i]
         torch.testing.assert_close(d[i], di)
         torch.testing.assert_close(x1[i], x[i] + (tn[i] - t[i]) * di)
-    x_next = heun_stage2(x, d, x1, D1, t, tn)
+    x_next = heun_step2(x, d, x1, D1, t, tn)
     for i in range(2):
         d1 = (x1[i] - D1[i]) / tn[i]
         torch.testing.assert_close(x_next[i], x[i] + (tn[i] - t[i]) * (d[i] + d1) / 2)

@@ -107,7 +107,7 @@ def _stop_after(trainer, n):
     def stepping():
         out = step()
         if trainer.step == n:
-            trainer._on_sigint(None, None)  # what Ctrl-C does
+            trainer.request_stop()  # what Ctrl-C does
         return out
 
     trainer.train_step = stepping
@@ -292,14 +292,14 @@ def test_fresh_run_does_not_replace_another_runs_checkpoint(tmp_path, capsys, mo
 
 def test_a_second_process_in_the_same_directory_stops_at_once(tmp_path):
     first = _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "1")))
-    first._lock_directory()  # as a running trainer holds it
+    first.run_dir.lock()  # as a running trainer holds it
     try:
         second = _no_samples(train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "1")))
         with pytest.raises(train.TrainingError, match=r"in use by another training run \(pid"):
             second.run()
         assert not (tmp_path / "last.pt").exists()
     finally:
-        first._release_directory()
+        first.run_dir.release()
     second.run()  # the lock ends with its owner
     assert load_file(tmp_path / "last.pt")["step"] == 1
 
@@ -412,6 +412,26 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".last.pt.*"))
 
 
+def test_dtype_flag_is_the_bf16_setting():
+    assert train.parse_args(["--dtype", "bf16"]).bf16 is True
+    assert train.parse_args(["--dtype", "fp32"]).bf16 is False
+    assert train.parse_args(["--bf16"]).bf16 is True and train.parse_args([]).bf16 is None
+    assert train.parse_args(["--dtype", "bf16", "--bf16"]).bf16 is True
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dtype", "fp32", "--bf16"])
+
+
+def test_schedules_follow_the_mode():
+    cd = train.loop.build_schedule(train.parse_args(["--mode", "cd", "--num-scales", "12"]))
+    assert cd.scales_at(0) == cd.scales_at(10**6) == 12 and cd.target_rate(12) == 0.95
+    ct = train.loop.build_schedule(train.parse_args(["--mode", "ct", "--steps", "100"]))
+    assert ct.scales_at(0) == ct_num_scales(0, 100, 2, 150) == 2
+    assert ct.scales_at(100) == 151
+    assert ct.target_rate(2) == pytest.approx(ct_target_ema(2, 2, 0.9), rel=1e-15)
+    ict = train.loop.build_schedule(train.parse_args(["--mode", "ct", "--ict", "--steps", "999"]))
+    assert ict.scales_at(998) == ict_num_scales(998, 999) and ict.target_rate(11) == 0.0
+
+
 def test_ddp_ranks_agree_on_the_stop(monkeypatch):
     # Another rank got the Ctrl-C: this one must stop after the same step.
     trainer = object.__new__(train.Trainer)
@@ -422,10 +442,10 @@ def test_ddp_ranks_agree_on_the_stop(monkeypatch):
         seen["op"] = op
         tensor.fill_(1.0)
 
-    monkeypatch.setattr(train.dist, "all_reduce", all_reduce)
-    assert trainer._agree_to_stop() is True and seen["op"] == train.dist.ReduceOp.MAX
-    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor, op: None)
-    assert trainer._agree_to_stop() is False
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert trainer.stop_agreed() is True and seen["op"] == torch.distributed.ReduceOp.MAX
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op: None)
+    assert trainer.stop_agreed() is False
 
 
 def test_ddp_gloo_two_processes_match_one(tmp_path):

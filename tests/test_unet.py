@@ -9,14 +9,8 @@ import torch
 from conftest import TRITON_DEVICE, needs_triton, requires_cuda
 
 from cmkernels.checkpoint import CheckpointError, load_denoiser, load_file, save_atomic
-from cmkernels.diffusion import (
-    SIGMA_MIN,
-    Denoiser,
-    c_noise,
-    cm_scalings,
-    edm_scalings,
-    karras_sigmas,
-)
+from cmkernels.diffusion import Denoiser, c_noise, cm_scalings, edm_scalings
+from cmkernels.noise_schedule import SIGMA_MIN, karras_sigmas
 from cmkernels.unet import PRESETS, UNet, UNetConfig, get_preset
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

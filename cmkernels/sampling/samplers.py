@@ -1,8 +1,11 @@
-"""Samplers: EDM Euler/Heun (teachers), one-step and multistep consistency sampling.
+"""The sampling algorithms: EDM Euler/Heun (teachers), one-step and multistep consistency
+sampling, the per-sample noise they draw and the checks of their noise levels.
 
 Math: spec/consistency-models.md sections 2 (Karras grid), 4 (Heun step) and 8 (sampling).
 Every sampler is a pure function of (denoiser, unit noise z, noise levels, class labels, noise
 source); `denoiser(x, sigma, class_labels)` takes sigma as a per-sample Tensor [B].
+`sample_multistep` is the one implementation of Algorithm 1: the CUDA-graph sampler
+(cuda_graph.py) captures it rather than writing it again.
 """
 
 from __future__ import annotations
@@ -15,16 +18,12 @@ import torch
 from torch import Tensor
 
 from cmkernels import ops
+from cmkernels.noise_schedule import SIGMA_MAX, SIGMA_MIN
 
 try:
     from tqdm.auto import tqdm
 except ImportError:  # progress bars are optional (a bare GPU machine may lack tqdm)
     tqdm = None
-
-# Same defaults as cmkernels.diffusion (kept here so the samplers import without the network code).
-SIGMA_MIN = 0.002
-SIGMA_MAX = 80.0
-RHO = 7.0
 
 NoiseSource = Callable[[], Tensor]  # Returns a fresh unit-Gaussian draw shaped like the samples.
 
@@ -78,38 +77,6 @@ def randn_per_sample(
 # Noise levels.
 
 
-def ts_to_sigmas(
-    ts: Iterable[int],
-    steps: int,
-    sigma_min: float = SIGMA_MIN,
-    sigma_max: float = SIGMA_MAX,
-    rho: float = RHO,
-) -> Tensor:
-    """Official integer time points -> noise levels, float64 [len(ts)].
-
-    Entry i is point ts[i] of the Karras grid of `steps` points (index 0 = sigma_max, index
-    steps - 1 = sigma_min), clipped into [sigma_min, sigma_max]. The official two-step sampler
-    of ImageNet-64 CD is ts = (0, 22, 39) with steps = 40: it evaluates the model at the first
-    two points; the last one (sigma_min) only ends the loop (see `sample_multistep`).
-    """
-    ts = [int(t) for t in ts]
-    if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
-    if not ts:
-        raise ValueError("ts is empty")
-    if any(t < 0 or t > steps - 1 for t in ts):
-        raise ValueError(f"ts must lie in [0, {steps - 1}] for steps={steps}, got {ts}")
-    if any(a >= b for a, b in pairwise(ts)):
-        raise ValueError(f"ts must be strictly increasing, got {ts}")
-    u = torch.tensor(ts, dtype=torch.float64) / (steps - 1)  # (n,)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + u * (lo - hi)) ** rho  # (n,)
-    # Hit the ends exactly: f(x, sigma_min) = x relies on sigma_min being sigma_min.
-    sigmas[u == 0] = sigma_max
-    sigmas[u == 1] = sigma_min
-    return sigmas.clamp(sigma_min, sigma_max)
-
-
 def consistency_time_points(
     sigmas: Iterable[float] | Tensor,
     sigma_min: float = SIGMA_MIN,
@@ -125,11 +92,13 @@ def consistency_time_points(
 
 
 def check_sigmas(sigmas: Iterable[float] | Tensor) -> list[float]:
-    """sigmas as a list of floats; ValueError unless nonempty, strictly decreasing and positive
-    (a final 0 allowed)."""
+    """sigmas as a list of floats; ValueError unless nonempty, finite, strictly decreasing and
+    positive (a final 0 allowed)."""
     sigmas = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
     if not sigmas:
         raise ValueError("no noise levels given")
+    if not all(math.isfinite(s) for s in sigmas):
+        raise ValueError(f"noise levels must be finite numbers, got {sigmas}")
     if any(a <= b for a, b in pairwise(sigmas)) or sigmas[-1] < 0:
         raise ValueError(f"noise levels must be positive and strictly decreasing, got {sigmas}")
     return sigmas
@@ -146,26 +115,8 @@ def _progress(items: list, enabled: bool, desc: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# EDM samplers (teachers): dx/dsigma = (x - D(x, sigma)) / sigma.
-
-
-def heun_stage1(x: Tensor, denoised: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
-    """Euler predictor: d = (x - D) / t;  x1 = x + (t_next - t) * d  -> (x1, d).
-
-    x, denoised [B, ...]; t, t_next [B] per-sample noise levels. One fused elementwise pass
-    (cmkernels.ops.heun_step1; its reference is ops.heun_step1_ref).
-    """
-    return ops.heun_step1(x, denoised, t, t_next)
-
-
-def heun_stage2(
-    x: Tensor, d: Tensor, x1: Tensor, denoised1: Tensor, t: Tensor, t_next: Tensor
-) -> Tensor:
-    """Trapezoidal corrector: x_next = x + (t_next - t) * (d + (x1 - D1) / t_next) / 2.
-
-    x, d, x1, denoised1 [B, ...]; t, t_next [B] (t_next > 0). One fused pass (ops.heun_step2).
-    """
-    return ops.heun_step2(x, d, x1, denoised1, t, t_next)
+# EDM samplers (teachers): dx/dsigma = (x - D(x, sigma)) / sigma. Each Heun step is the two
+# fused elementwise passes ops.heun_step1 (Euler predictor) and ops.heun_step2 (corrector).
 
 
 def _with_final_zero(sigmas) -> list[float]:
@@ -188,11 +139,11 @@ def sample_heun(
         t, tn = _per_sample(t_cur, x), _per_sample(t_next, x)  # (B,)
         # Euler step.
         denoised = denoiser(x, t, class_labels)
-        x_next, d = heun_stage1(x, denoised, t, tn)
+        x_next, d = ops.heun_step1(x, denoised, t, tn)
         # Apply 2nd order correction.
         if t_next > 0:
             denoised = denoiser(x_next, tn, class_labels)
-            x_next = heun_stage2(x, d, x_next, denoised, t, tn)
+            x_next = ops.heun_step2(x, d, x_next, denoised, t, tn)
         x = x_next
     return x
 
@@ -207,7 +158,7 @@ def sample_euler(
     for t_cur, t_next in _progress(steps, progress, "euler"):
         t, tn = _per_sample(t_cur, x), _per_sample(t_next, x)  # (B,)
         # Euler step.
-        x, _ = heun_stage1(x, denoiser(x, t, class_labels), t, tn)
+        x, _ = ops.heun_step1(x, denoiser(x, t, class_labels), t, tn)
     return x
 
 
@@ -250,6 +201,30 @@ def sample_multistep(
         if replace is not None:
             x = replace(x)
     return x
+
+
+def sample_multistep_given_noises(
+    denoiser,
+    z: Tensor,                              # (B, C, H, W) unit noise
+    noises: Sequence[Tensor],               # the fresh unit noise of steps 2, 3, ..., like z
+    sigmas,                                 # time points, as for sample_multistep
+    sigma_min: float = SIGMA_MIN,
+    class_labels: Tensor | None = None,
+    clamp: bool = True,
+    sigma_max: float = SIGMA_MAX,
+) -> Tensor:
+    """sample_multistep with all its randomness given up front: noises[i] is what noise() would
+    return at its (i + 1)-th call. One tensor per evaluated time point after the first."""
+    taus = consistency_time_points(sigmas, sigma_min, sigma_max)
+    if len(noises) != len(taus) - 1:
+        raise ValueError(
+            f"{len(taus)} evaluated time points {taus} need {len(taus) - 1} noise tensors, "
+            f"got {len(noises)}"
+        )
+    draws = iter(noises)
+    return sample_multistep(
+        denoiser, z, taus, lambda: next(draws), class_labels, sigma_min, sigma_max, clamp
+    )
 
 
 def sample_onestep(

@@ -8,41 +8,21 @@ size, copies the inputs in, replays and returns a copy of the output.
     sampler = GraphedConsistencySampler(denoiser, (3, 64, 64), sigmas=[80.0, 0.821])
     images = sampler(z, noises)          # the same images as samplers.sample_multistep
 
-On a CPU (or with enabled=False) the same computation runs eagerly, so results and the API do not
-depend on the device.
+What is captured is samplers.sample_multistep itself (through sample_multistep_given_noises),
+with its noise source reading the static noise buffers in the order sample_multistep draws them;
+the time points are clipped and those at sigma_min dropped exactly as there. On a CPU (or with
+enabled=False) the same function runs eagerly, so results and the API do not depend on the device.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-
-def consistency_chain(
-    denoiser,
-    z: Tensor,  # (B, C, H, W) unit noise
-    noises: Sequence[Tensor],  # len(sigmas) - 1 tensors like z: the fresh noise of each later step
-    sigmas: Sequence[float],  # time points, first = sigma_max, decreasing
-    sigma_min: float,
-    class_labels: Tensor | None = None,
-    clamp: bool = True,
-) -> Tensor:
-    """Algorithm 1 with all randomness given: x = f(sigma_max z, sigma_max), then for each later
-    time point tau, x = f(x + sqrt(tau^2 - sigma_min^2) n, tau)."""
-    B = z.shape[0]
-    sig = torch.full((B,), float(sigmas[0]), device=z.device)
-    x = denoiser(z * float(sigmas[0]), sig, class_labels)
-    if clamp:
-        x = x.clamp(-1, 1)
-    for tau, n in zip(sigmas[1:], noises):
-        x = x + math.sqrt(max(float(tau) ** 2 - sigma_min**2, 0.0)) * n
-        x = denoiser(x, torch.full((B,), float(tau), device=z.device), class_labels)
-        if clamp:
-            x = x.clamp(-1, 1)
-    return x
+from cmkernels.noise_schedule import SIGMA_MAX, SIGMA_MIN
+from cmkernels.sampling.samplers import consistency_time_points, sample_multistep_given_noises
 
 
 class GraphedConsistencySampler:
@@ -50,8 +30,10 @@ class GraphedConsistencySampler:
 
     denoiser:    callable (x, sigma [B], class_labels) -> denoised x (e.g. diffusion.Denoiser)
     image_shape: (C, H, W)
-    sigmas:      time points; [sigma_max] for one step, e.g. [80, 0.821] for two steps
+    sigmas:      time points as for sample_multistep: [sigma_max] for one step, e.g. [80, 0.821]
+                 for two; clipped into [sigma_min, sigma_max], points at sigma_min dropped
     sigma_min:   the boundary time (noise added before step i is sqrt(tau_i^2 - sigma_min^2))
+    sigma_max:   the top of the clipping range
     dtype:       dtype of the noise buffers (the denoiser may autocast internally)
     enabled:     capture graphs (needs CUDA); False runs eagerly
     """
@@ -60,34 +42,38 @@ class GraphedConsistencySampler:
         self,
         denoiser,
         image_shape: Sequence[int],
-        sigmas: Sequence[float] = (80.0,),
-        sigma_min: float = 0.002,
+        sigmas: Sequence[float] = (SIGMA_MAX,),
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
         dtype: torch.dtype = torch.float32,
         clamp: bool = True,
         enabled: bool = True,
         warmup: int = 2,
     ):
-        if len(sigmas) < 1 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-            raise ValueError(f"sigmas must be non-empty and decreasing, got {list(sigmas)}")
         self.denoiser = denoiser
         self.image_shape = tuple(image_shape)
-        self.sigmas = [float(s) for s in sigmas]
+        self.taus = consistency_time_points(sigmas, sigma_min, sigma_max)  # the evaluated points
         self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
         self.dtype = dtype
         self.clamp = clamp
         self.enabled = enabled
         self.warmup = warmup
         self._graphs: dict[tuple, tuple] = {}
 
+    @property
+    def noises_per_sample(self) -> int:
+        """How many fresh noise tensors a call takes: one per evaluated point after the first."""
+        return len(self.taus) - 1
+
     def _run(self, z, noises, labels):
-        return consistency_chain(
-            self.denoiser, z, noises, self.sigmas, self.sigma_min, labels, self.clamp
-        )
+        return sample_multistep_given_noises(self.denoiser, z, noises, self.taus, self.sigma_min,
+                                             labels, self.clamp, self.sigma_max)  # fmt: skip
 
     def _capture(self, key, z: Tensor, labels: Tensor | None):
         device = z.device
         static_z = torch.empty_like(z)
-        static_noises = [torch.empty_like(z) for _ in self.sigmas[1:]]
+        static_noises = [torch.empty_like(z) for _ in range(self.noises_per_sample)]
         static_labels = labels.clone() if labels is not None else None
         static_z.copy_(z)
         for n in static_noises:
@@ -109,15 +95,15 @@ class GraphedConsistencySampler:
     def __call__(
         self,
         z: Tensor,  # (B, C, H, W) unit noise
-        noises: Sequence[Tensor] = (),  # len(sigmas) - 1 fresh noises, like z
+        noises: Sequence[Tensor] = (),  # noises_per_sample fresh noises, like z
         class_labels: Tensor | None = None,
     ) -> Tensor:
         if tuple(z.shape[1:]) != self.image_shape:
             raise ValueError(f"z has shape {tuple(z.shape)}; expected (B, {self.image_shape})")
-        if len(noises) != len(self.sigmas) - 1:
+        if len(noises) != self.noises_per_sample:
             raise ValueError(
-                f"{len(self.sigmas)} time points need {len(self.sigmas) - 1} noise tensors, "
-                f"got {len(noises)}"
+                f"{len(self.taus)} evaluated time points {self.taus} need "
+                f"{self.noises_per_sample} noise tensors, got {len(noises)}"
             )
         z = z.to(self.dtype)
         noises = [n.to(device=z.device, dtype=self.dtype) for n in noises]
