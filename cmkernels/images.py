@@ -1,6 +1,7 @@
-"""Image files in and out: reference images and masks for editing, PNG grids and .npz sample files.
+"""Image files in and out: the package's one image decoder (cmkernels.data reads dataset folders
+with it too), reference images and masks for editing, PNG grids and .npz sample files.
 
-Tensors are float [N, C, H, W] in [-1, 1]; files are 8-bit PNG/JPEG/... read with Pillow.
+Tensors are float [N, C, H, W] in [-1, 1]; files are PNG/JPEG/... read with Pillow.
 """
 
 from __future__ import annotations
@@ -10,21 +11,50 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 _MODES = {1: "L", 3: "RGB"}
 
 
-def _open(path) -> Image.Image:
+def _read(path) -> Image.Image:
+    """The file's pixels as Pillow decodes them, or one clear error."""
     try:
-        image = Image.open(path)
-        image.load()
+        with Image.open(path) as image:
+            image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: corrupt or unreadable image ({exc})") from None
     return image
+
+
+def decode_image(path) -> Image.Image:
+    """Decode an image file -> Pillow image of mode "L" (gray) or "RGB", at its own size.
+
+    Transparency (an alpha band, a palette or a tRNS colour) is composited on white; 16-bit
+    grayscale is scaled to 8 bits (not clipped). The one decoder of the package: reference images
+    (load_image) and dataset folders (cmkernels.data) both read their files through it.
+    """
+    image = _read(path)
+    if image.mode.startswith("I"):  # 16-bit grayscale: scale, do not clip.
+        return Image.fromarray(np.rint(np.asarray(image) / 257).clip(0, 255).astype(np.uint8))
+    if image.mode in ("L", "1", "F"):
+        return image.convert("L")
+    if image.mode == "P" or "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L" if image.mode == "LA" else "RGB")
+    return image.convert("RGB")
+
+
+def resize_square(image: Image.Image, size: int | None,
+                  resample: Image.Resampling) -> Image.Image:
+    """The image resized to size x size with the filter `resample` (unchanged when it already has
+    that size, or when size is None). The aspect ratio is not kept: crop first if it matters."""
+    if size is None or image.size == (size, size):
+        return image
+    return image.resize((size, size), resample)
 
 
 def load_image(path, channels: int, size: int) -> Tensor:
@@ -35,19 +65,15 @@ def load_image(path, channels: int, size: int) -> Tensor:
     """
     if channels not in _MODES:
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    image = _open(path)
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image.alpha_composite(rgba)
-    image = image.convert(_MODES[channels])
+    image = decode_image(path).convert(_MODES[channels])
     w, h = image.size
     s = min(w, h)
     if (w, h) != (s, s):
         left, top = (w - s) // 2, (h - s) // 2
         image = image.crop((left, top, left + s, top + s))
-    if s != size:
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    # Bicubic after a center crop, as the loaders of guided-diffusion and the consistency-model
+    # code end (center_crop_arr); kept so that editing results do not move.
+    image = resize_square(image, size, Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32).reshape(size, size, channels)  # (H, W, C)
     x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None]  # (1, C, H, W)
     return x / 127.5 - 1
@@ -59,7 +85,7 @@ def load_mask(path, size: int) -> Tensor:
     WHITE (gray level >= 128) marks the region to GENERATE (1); black marks the pixels kept from
     the reference image (0). The mask must already be size x size pixels (it is not resized).
     """
-    image = _open(path).convert("L")
+    image = _read(path).convert("L")  # no compositing: alpha is not a mask value
     if image.size != (size, size):
         w, h = image.size
         raise ValueError(f"mask {path} is {w}x{h} pixels; the model needs {size}x{size}")

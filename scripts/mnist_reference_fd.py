@@ -14,9 +14,9 @@ import torch
 
 from cmkernels.checkpoint import load_denoiser
 from cmkernels.data import load_dataset
-from cmkernels.diffusion import karras_sigmas
-from cmkernels.evaluate import frechet_distance
-from cmkernels.samplers import PerSampleNoise, sample_euler, sample_heun
+from cmkernels.metrics import frechet_distance
+from cmkernels.noise_schedule import karras_sigmas
+from cmkernels.sampling import PerSampleNoise, sample_euler, sample_heun
 
 
 @torch.no_grad()

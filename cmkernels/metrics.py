@@ -1,9 +1,19 @@
-"""Feature extractors for Frechet distances, all offline.
+"""Image-quality metrics, all offline: the Frechet distance and KID between two image sets, the
+feature networks they are measured in, and the LeNet digit classifier behind "FD-LeNet" (with its
+training). The command line is cmkernels.evaluate.
 
-Every extractor is an `nn.Module` that maps float images [N, C, H, W] in [-1, 1] to features
-[N, D], has an integer `num_features` (D) and never leaves eval mode. They are the `feature`
-modules given to torchmetrics' FrechetInceptionDistance / KernelInceptionDistance.
+The metric is named after its feature space: "FD-LeNet" (1-channel default), "FD-EffLite0"
+(3-channel default) and "FID" only with the Inception network. Values in different feature
+spaces are not comparable with each other nor with published FIDs.
 
+The distances themselves are torchmetrics' FrechetInceptionDistance and KernelInceptionDistance.
+Each image set goes through the feature network once (batched, with an optional progress bar); the
+two metrics then receive the features through a pass-through `feature` module, so FD and KID share
+that single forward pass. torchmetrics and the EfficientNet packages are imported only by the
+functions that need them.
+
+Feature extractors: every one is an `nn.Module` that maps float images [N, C, H, W] in [-1, 1] to
+features [N, D], has an integer `num_features` (D) and never leaves eval mode.
 - "lenet": our small LeNet-style digit classifier, trained on the mnist "train" split
   (`train_lenet`, shipped in cmkernels/assets/lenet_mnist.pt with its record in lenet_mnist.json).
   Features: the 128 globally average-pooled activations of the last conv layer (the input of the
@@ -22,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -240,8 +251,12 @@ class InceptionFeatures(_FrozenFeatures):
                 f"Inception weights file not found: {weights_path}. FID needs the torch-fidelity "
                 "Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth) on local disk, "
                 "passed with --inception-weights; nothing is downloaded.")
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ModuleNotFoundError as exc:
+            raise ModuleNotFoundError(
+                f"Inception features need torchmetrics: pip install torchmetrics ({exc})"
+            ) from None
         try:
             self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                           feature_extractor_weights_path=str(weights_path))
@@ -269,3 +284,105 @@ def get_feature_extractor(name: str, weights_path: str | None = None) -> nn.Modu
     if name == "inception":
         return InceptionFeatures(weights_path)
     raise ValueError(f"unknown features {name!r}; choose from {sorted(METRIC_NAMES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Frechet distance and KID.
+
+
+def default_features(num_channels: int) -> str:
+    """The feature network used when none is named: LeNet for gray digits, else EffLite0."""
+    return "lenet" if num_channels == 1 else "efflite0"
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, features: str = "lenet", batch_size: int = 250,
+                     device: str | torch.device | None = None, weights_path: str | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """Float images [N, C, H, W] in [-1, 1] -> features [N, D] float64 on the CPU."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = get_feature_extractor(features, None if weights_path is None else str(weights_path))
+    net = net.to(device)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=f"{features} features", unit="batch",
+                  disable=not progress):
+        out.append(net(images[i:i + batch_size].to(device)).double().cpu())
+    return torch.cat(out) if out else torch.empty(0, net.num_features, dtype=torch.float64)
+
+
+class _PassThrough(nn.Module):
+    """The `feature` module given to torchmetrics when the features are already computed."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _torchmetrics_distances() -> tuple[type, type]:
+    """torchmetrics' FrechetInceptionDistance and KernelInceptionDistance, imported on first use."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"FD and KID need torchmetrics: pip install torchmetrics ({exc})") from None
+    return FrechetInceptionDistance, KernelInceptionDistance
+
+
+def distances_from_features(features_a: torch.Tensor, features_b: torch.Tensor, kid: bool = True,
+                            kid_subset_size: int | None = None, kid_subsets: int = 100,
+                            seed: int = 0) -> dict:
+    """FD (and KID) between two feature sets [N, D]. KID subsets are drawn with `seed`."""
+    num_a, num_b, dim = len(features_a), len(features_b), features_a.shape[1]
+    if min(num_a, num_b) < 2:
+        raise ValueError(f"need at least 2 images per set, got {num_a} and {num_b}")
+    FrechetInceptionDistance, KernelInceptionDistance = _torchmetrics_distances()
+    fd = FrechetInceptionDistance(feature=_PassThrough(dim))
+    fd.update(features_b, real=True)
+    fd.update(features_a, real=False)
+    result = {"fd": fd.compute().item(), "num_a": num_a, "num_b": num_b}
+    if kid:
+        subset_size = kid_subset_size or min(1000, num_a, num_b)
+        if subset_size > min(num_a, num_b):
+            raise ValueError(f"kid_subset_size {subset_size} exceeds the smaller set ({num_a}, "
+                             f"{num_b})")
+        with warnings.catch_warnings():  # "will save all extracted features in buffer"
+            warnings.simplefilter("ignore", UserWarning)
+            metric = KernelInceptionDistance(feature=_PassThrough(dim), subsets=kid_subsets,
+                                             subset_size=subset_size)
+        metric.update(features_b, real=True)
+        metric.update(features_a, real=False)
+        with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global RNG
+            torch.manual_seed(seed)
+            kid_mean, kid_std = metric.compute()
+        result.update(kid_mean=kid_mean.item(), kid_std=kid_std.item(),
+                      kid_subset_size=subset_size, kid_subsets=kid_subsets)
+    return result
+
+
+def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, features: str | None = None,
+                     batch_size: int = 250, *, kid: bool = False,
+                     kid_subset_size: int | None = None, kid_subsets: int = 100,
+                     device: str | torch.device | None = None, weights_path: str | None = None,
+                     progress: bool = False) -> dict:
+    """Frechet distance between two image sets, float [N, C, H, W] in [-1, 1].
+
+    features: "lenet" | "efflite0" | "inception" (needs weights_path); default lenet for 1
+    channel, efflite0 for 3. Returns {"metric": e.g. "FD-LeNet", "features", "fd", "num_a",
+    "num_b"} plus "kid_mean", "kid_std", "kid_subset_size", "kid_subsets" when kid=True.
+    """
+    if images_a.shape[1] != images_b.shape[1]:
+        raise ValueError(f"channel mismatch: {tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+    features = features or default_features(images_a.shape[1])
+    kw = dict(features=features, batch_size=batch_size, device=device, weights_path=weights_path,
+              progress=progress)
+    result = {"metric": METRIC_NAMES[features], "features": features}
+    result.update(distances_from_features(
+        extract_features(images_a, **kw), extract_features(images_b, **kw), kid=kid,
+        kid_subset_size=kid_subset_size, kid_subsets=kid_subsets))
+    return result
