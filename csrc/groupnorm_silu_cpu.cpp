@@ -1,4 +1,6 @@
-// GroupNorm (+ per-sample scale/shift) (+ SiLU) on the CPU, forward and backward.
+// GroupNorm (+ per-sample scale/shift) (+ SiLU) on the CPU, forward and backward. Some 600 lines:
+// one op's two kernels, which share the per-channel coefficients, the argument checks and the row
+// kernels (NCHW runs and NHWC rows, each with its fp32 baseline / AVX2 entry points).
 //
 //   xhat = (x - mean_g) * rstd_g                       statistics per (sample, group), fp32 (fp64)
 //   a    = (xhat * w_c + b_c) * (1 + scale_nc) + shift_nc
@@ -11,75 +13,22 @@
 //   dx = rstd * ((1+s) w g - c1_ng - xhat c2_ng),  c1 = mean_g[(1+s) w T1 / HW], c2 = mean_g[(1+s) w T2 / HW]
 //
 // Layouts: NCHW (any number of spatial dims, flattened) and channels_last NHWC. Other strides are
-// copied to NCHW first. Outputs follow the layout that was used.
+// copied to NCHW first (kept_layout). Outputs follow the layout that was used. The argument rules
+// are those of cmkernels/ops/groupnorm_silu/checks.py, with the same errors; the exp / SiLU and
+// the AVX2 selection come from cpu_math.h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
+#include <sstream>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
-
-#if CMK_HAVE_AVX2_PATH
-#include <immintrin.h>
-#endif
+#include "cpu_math.h"
 
 namespace cmkernels {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// Elementwise math that vectorises (no libm calls in the loops; -fno-trapping-math lets gcc turn
-// the selects into blends).
-
-// exp(z) = 2^n e^r: Cody-Waite range reduction (n = round(z / ln2), r = z - n ln2 in two parts)
-// and e^r = 1 + r + r^2 p(r), p(r) = c0 + c1 r + ... + c5 r^5 (a few ulp). Shared by the scalar
-// and the AVX2 code below.
-constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpC0 = 5.0000001201e-1f, kExpC1 = 1.6666665459e-1f, kExpC2 = 4.1665795894e-2f,
-                kExpC3 = 8.3334519073e-3f, kExpC4 = 1.3981999507e-3f, kExpC5 = 1.9875691500e-4f;
-
-// exp(z) for z in [-87, 0].
-CMK_INLINE float exp_nonpositive(float z) {
-  // Round z / ln2 to the nearest integer with the 1.5 * 2^23 trick (no floor(), vectorises on SSE2).
-  const float n = (z * kLog2e + 12582912.0f) - 12582912.0f;
-  float r = z - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  // p(r) by Estrin's scheme (pairs, then powers of r^2): a shorter dependency chain than Horner's,
-  // ~6% faster on AVX2 where the loop is latency-bound.
-  const float r2 = r * r;
-  const float p01 = kExpC1 * r + kExpC0;
-  const float p23 = kExpC3 * r + kExpC2;
-  const float p45 = kExpC5 * r + kExpC4;
-  const float p = p01 + r2 * (p23 + r2 * p45);
-  const float e = p * r2 + (r + 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  return e * std::bit_cast<float>(bits);
-}
-
-// sigmoid(a) from t = exp(-|a|) <= 1, which cannot overflow: s = 1 / (1 + t) for a >= 0 and t s
-// below. |a| is clamped to 87 on its bit pattern (an integer min, cheaper than float compares
-// with NaN semantics); a NaN input still yields NaN through the caller's a * sigmoid(a).
-CMK_INLINE float sigmoid(float a) {
-  const int32_t abits = std::bit_cast<int32_t>(a) & 0x7fffffff;
-  const float m = std::bit_cast<float>(abits < 0x42ae0000 ? abits : 0x42ae0000);  // min(|a|, 87)
-  const float t = exp_nonpositive(-m);
-  const float s = 1.0f / (1.0f + t);
-  return a >= 0.0f ? s : t * s;
-}
-CMK_INLINE double sigmoid(double a) { return 1.0 / (1.0 + std::exp(-a)); }
-
-// silu(a) = a / (1 + exp(-a)), written as (a >= 0 ? a : a t) / (1 + t) with the same t: one
-// division and no separate multiply by sigmoid. The forward's fp32 AVX2 path uses silu8 below;
-// this serves the baseline build, the other dtypes and the loop tails.
-CMK_INLINE float silu(float a) {
-  const int32_t abits = std::bit_cast<int32_t>(a) & 0x7fffffff;
-  const float m = std::bit_cast<float>(abits < 0x42ae0000 ? abits : 0x42ae0000);  // min(|a|, 87)
-  const float t = exp_nonpositive(-m);
-  return (a >= 0.0f ? a : a * t) / (1.0f + t);
-}
-CMK_INLINE double silu(double a) { return a * sigmoid(a); }
 
 // dL/da given dL/dy; ACT is a template argument so the loops below stay free of control flow.
 template <bool ACT, typename acc_t>
@@ -227,35 +176,12 @@ CMK_INLINE void bwd_dx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, 
   else bwd_dx_row_t<false>(dy, x, dx, C, A, B, K, L, M);
 }
 
-// fp32 entry points, compiled for baseline x86-64 and for AVX2+FMA; other dtypes use the
-// templates directly.
-CMK_DISPATCHED(shifted_sums_f32, (const float* x, int64_t n, float p, double& s, double& ss),
+// fp32 entry points, compiled for baseline x86-64 and for AVX2+FMA: non-template overloads of the
+// templates above, which an unqualified call with float pointers picks; other dtypes get the
+// templates (and the entry points call the templates by their explicit arguments).
+CMK_DISPATCHED(shifted_sums, (const float* x, int64_t n, float p, double& s, double& ss),
                (x, n, p, s, ss), (shifted_sums<float, float>(x, n, p, s, ss)))
 #if CMK_HAVE_AVX2_PATH
-// The forward's SiLU pass in AVX2 intrinsics, where the compiler's vectorisation of silu() above
-// costs ~15% more: silu(a) = a / (1 + exp(-a)) with -a clamped to [-86, 86], so exp(-a) needs no
-// sign select (it may be large; a / (1 + t) still tends to 0 correctly) and e * 2^n is an integer
-// add on the exponent field (n in [-124, 124] keeps the result normal). The constants of
-// exp_nonpositive; max relative error ~2e-7 against float64.
-CMK_TARGET_AVX2 CMK_INLINE __m256 silu8(__m256 a) {
-  const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), a),
-                                               _mm256_set1_ps(-86.0f)),
-                                 _mm256_set1_ps(86.0f));  // a NaN becomes -86 here; a / ... stays NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), z);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC1), r, _mm256_set1_ps(kExpC0));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC3), r, _mm256_set1_ps(kExpC2));
-  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
-  const __m256 p = _mm256_fmadd_ps(r2, _mm256_fmadd_ps(r2, p45, p23), p01);
-  const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  const __m256 t = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
-  return _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), t));
-}
-
 CMK_TARGET_AVX2 static void affine_act_run_f32_avx2(const float* x, float* y, int64_t n, float A,
                                                     float B, bool act) {
   if (!act) return affine_act_run<float, float>(x, y, n, A, B, act);
@@ -278,117 +204,121 @@ CMK_TARGET_AVX2 static void affine_act_row_f32_avx2(const float* x, float* y, in
   affine_act_row<float, float>(x + c, y + c, C - c, A + c, B + c, act);
 }
 
-static void affine_act_run_f32(const float* x, float* y, int64_t n, float A, float B, bool act) {
+static void affine_act_run(const float* x, float* y, int64_t n, float A, float B, bool act) {
   if (cpu_has_avx2()) affine_act_run_f32_avx2(x, y, n, A, B, act);
   else affine_act_run<float, float>(x, y, n, A, B, act);
 }
-static void affine_act_row_f32(const float* x, float* y, int64_t C, const float* A, const float* B,
+static void affine_act_row(const float* x, float* y, int64_t C, const float* A, const float* B,
                                bool act) {
   if (cpu_has_avx2()) affine_act_row_f32_avx2(x, y, C, A, B, act);
   else affine_act_row<float, float>(x, y, C, A, B, act);
 }
 #else
-CMK_DISPATCHED(affine_act_run_f32, (const float* x, float* y, int64_t n, float A, float B, bool act),
+CMK_DISPATCHED(affine_act_run, (const float* x, float* y, int64_t n, float A, float B, bool act),
                (x, y, n, A, B, act), (affine_act_run<float, float>(x, y, n, A, B, act)))
-CMK_DISPATCHED(affine_act_row_f32,
+CMK_DISPATCHED(affine_act_row,
                (const float* x, float* y, int64_t C, const float* A, const float* B, bool act),
                (x, y, C, A, B, act), (affine_act_row<float, float>(x, y, C, A, B, act)))
 #endif
-CMK_DISPATCHED(bwd_sums_run_f32,
+CMK_DISPATCHED(bwd_sums_run,
                (const float* dy, const float* x, int64_t n, float A, float B, float P, float Q,
                 bool act, float& T1, float& T2),
                (dy, x, n, A, B, P, Q, act, T1, T2),
                (bwd_sums_run<float, float>(dy, x, n, A, B, P, Q, act, T1, T2)))
-CMK_DISPATCHED(bwd_dx_run_f32,
+CMK_DISPATCHED(bwd_dx_run,
                (const float* dy, const float* x, float* dx, int64_t n, float A, float B, float K,
                 float L, float M, bool act),
                (dy, x, dx, n, A, B, K, L, M, act),
                (bwd_dx_run<float, float>(dy, x, dx, n, A, B, K, L, M, act)))
-CMK_DISPATCHED(bwd_sums_row_f32,
+CMK_DISPATCHED(bwd_sums_row,
                (const float* dy, const float* x, int64_t C, const float* A, const float* B,
                 const float* P, const float* Q, bool act, float* T1, float* T2),
                (dy, x, C, A, B, P, Q, act, T1, T2),
                (bwd_sums_row<float, float>(dy, x, C, A, B, P, Q, act, T1, T2)))
-CMK_DISPATCHED(bwd_dx_row_f32,
+CMK_DISPATCHED(bwd_dx_row,
                (const float* dy, const float* x, float* dx, int64_t C, const float* A,
                 const float* B, const float* K, const float* L, const float* M, bool act),
                (dy, x, dx, C, A, B, K, L, M, act),
                (bwd_dx_row<float, float>(dy, x, dx, C, A, B, K, L, M, act)))
 
-// Overload set routing float to the dispatched entry points.
-template <typename scalar_t, typename acc_t>
-struct Rows {
-  static void sums(const scalar_t* x, int64_t n, acc_t p, double& s, double& ss) { shifted_sums(x, n, p, s, ss); }
-  static void run(const scalar_t* x, scalar_t* y, int64_t n, acc_t A, acc_t B, bool act) { affine_act_run(x, y, n, A, B, act); }
-  static void row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* A, const acc_t* B, bool act) { affine_act_row(x, y, C, A, B, act); }
-  static void bsums_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t A, acc_t B, acc_t P, acc_t Q, bool act, acc_t& T1, acc_t& T2) { bwd_sums_run(dy, x, n, A, B, P, Q, act, T1, T2); }
-  static void bdx_run(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t A, acc_t B, acc_t K, acc_t L, acc_t M, bool act) { bwd_dx_run(dy, x, dx, n, A, B, K, L, M, act); }
-  static void bsums_row(const scalar_t* dy, const scalar_t* x, int64_t C, const acc_t* A, const acc_t* B, const acc_t* P, const acc_t* Q, bool act, acc_t* T1, acc_t* T2) { bwd_sums_row(dy, x, C, A, B, P, Q, act, T1, T2); }
-  static void bdx_row(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C, const acc_t* A, const acc_t* B, const acc_t* K, const acc_t* L, const acc_t* M, bool act) { bwd_dx_row(dy, x, dx, C, A, B, K, L, M, act); }
-};
-
-template <>
-struct Rows<float, float> {
-  static void sums(const float* x, int64_t n, float p, double& s, double& ss) { shifted_sums_f32(x, n, p, s, ss); }
-  static void run(const float* x, float* y, int64_t n, float A, float B, bool act) { affine_act_run_f32(x, y, n, A, B, act); }
-  static void row(const float* x, float* y, int64_t C, const float* A, const float* B, bool act) { affine_act_row_f32(x, y, C, A, B, act); }
-  static void bsums_run(const float* dy, const float* x, int64_t n, float A, float B, float P, float Q, bool act, float& T1, float& T2) { bwd_sums_run_f32(dy, x, n, A, B, P, Q, act, T1, T2); }
-  static void bdx_run(const float* dy, const float* x, float* dx, int64_t n, float A, float B, float K, float L, float M, bool act) { bwd_dx_run_f32(dy, x, dx, n, A, B, K, L, M, act); }
-  static void bsums_row(const float* dy, const float* x, int64_t C, const float* A, const float* B, const float* P, const float* Q, bool act, float* T1, float* T2) { bwd_sums_row_f32(dy, x, C, A, B, P, Q, act, T1, T2); }
-  static void bdx_row(const float* dy, const float* x, float* dx, int64_t C, const float* A, const float* B, const float* K, const float* L, const float* M, bool act) { bwd_dx_row_f32(dy, x, dx, C, A, B, K, L, M, act); }
-};
-
 // ---------------------------------------------------------------------------------------------
-// Argument checks and layout.
+// Argument checks: the rules of check_inputs / check_backward_inputs in
+// cmkernels/ops/groupnorm_silu/checks.py, in the same order, with the same error types and texts
+// (TORCH_CHECK_VALUE raises ValueError in Python, TORCH_CHECK_TYPE TypeError).
 
 struct Problem {
   int64_t N, C, HW, G, cpg;
   bool channels_last;  // x viewed as [N, HW, C] instead of [N, C, HW]
 };
 
-// The layout rule (mirrored by the Python fake kernel): contiguous -> NCHW; otherwise a 4-d
-// channels_last tensor -> NHWC; anything else is copied to contiguous NCHW.
-at::Tensor canonical(const at::Tensor& x, bool& channels_last) {
-  if (x.is_contiguous()) {
-    channels_last = false;
-    return x;
-  }
-  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    channels_last = true;
-    return x;
-  }
-  channels_last = false;
-  return x.contiguous();
-}
-
+// p is on x's device, in x's dtype or float32, and has one of the shapes.
 void check_param(const at::Tensor& p, const char* name, const at::Tensor& x,
-                 at::IntArrayRef shape_a, at::IntArrayRef shape_b) {
-  TORCH_CHECK(p.device() == x.device(), "groupnorm_silu: ", name, " is on ", p.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat,
-              "groupnorm_silu: ", name, " has dtype ", p.scalar_type(), "; expected ",
-              x.scalar_type(), " (the dtype of x) or float32");
-  const bool ok = p.sizes() == shape_a || (!shape_b.empty() && p.numel() == x.size(0) * x.size(1) &&
-                                           p.dim() == x.dim() && p.size(0) == x.size(0) &&
-                                           p.size(1) == x.size(1));
-  TORCH_CHECK(ok, "groupnorm_silu: ", name, " has shape ", p.sizes(), "; expected ", shape_a,
-              shape_b.empty() ? "" : " (or [N, C, 1, ...])");
+                 const std::vector<std::vector<int64_t>>& shapes) {
+  TORCH_CHECK_VALUE(p.device() == x.device(), "groupnorm_silu: ", name, " is on ", p.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_TYPE(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat,
+                   "groupnorm_silu: ", name, " has dtype ", dtype_name(p.scalar_type()),
+                   "; expected ", dtype_name(x.scalar_type()), " (the dtype of x) or float32");
+  bool ok = false;
+  std::ostringstream expected;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    ok = ok || p.sizes() == at::IntArrayRef(shapes[i]);
+    expected << (i ? " or " : "") << at::IntArrayRef(shapes[i]);
+  }
+  TORCH_CHECK_VALUE(ok, "groupnorm_silu: ", name, " has shape ", p.sizes(), "; expected ",
+                    expected.str());
 }
 
+// x [N, C, *spatial] float32 / float16 / bfloat16 / float64; groups dividing C; weight, bias [C];
+// scale, shift [N, C] or [N, C, 1, ...] with x's number of dims.
 Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                      int64_t groups) {
-  TORCH_CHECK(x.dim() >= 2, "groupnorm_silu: x must have shape [N, C, *spatial], got ", x.sizes());
-  TORCH_CHECK(is_activation_dtype(x.scalar_type()),
-              "groupnorm_silu: x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 2, "groupnorm_silu: x must have shape [N, C, *spatial], got ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(is_activation_dtype(x.scalar_type()),
+                   "groupnorm_silu: x must be float32, float16, bfloat16 or float64, got ",
+                   dtype_name(x.scalar_type()));
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(groups > 0 && C % groups == 0, "groupnorm_silu: the number of channels (", C,
-              ") must be divisible by groups (", groups, ")");
-  check_param(weight, "weight", x, {C}, {});
-  check_param(bias, "bias", x, {C}, {});
-  if (scale) check_param(*scale, "scale", x, {N, C}, {N, C});
-  if (shift) check_param(*shift, "shift", x, {N, C}, {N, C});
-  return {N, C, C > 0 ? x.numel() / std::max<int64_t>(N * C, 1) : 0, groups, C / groups, false};
+  TORCH_CHECK_VALUE(groups > 0 && C % groups == 0, "groupnorm_silu: the number of channels (", C,
+                    ") must be divisible by groups (", groups, ")");
+  std::vector<std::vector<int64_t>> per_sample = {{N, C}};
+  if (x.dim() > 2) {
+    per_sample.push_back({N, C});
+    per_sample.back().resize(x.dim(), 1);
+  }
+  check_param(weight, "weight", x, {{C}});
+  check_param(bias, "bias", x, {{C}});
+  if (scale) check_param(*scale, "scale", x, per_sample);
+  if (shift) check_param(*shift, "shift", x, per_sample);
+  const bool channels_last = kept_layout(x, false) == at::MemoryFormat::ChannelsLast;
+  return {N, C, C > 0 ? x.numel() / std::max<int64_t>(N * C, 1) : 0, groups, C / groups,
+          channels_last};
+}
+
+// The above, and grad_y like x; mean and rstd with N * groups elements on x's device.
+Problem check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& shift, const at::Tensor& mean,
+                              const at::Tensor& rstd, int64_t groups) {
+  const Problem p = check_inputs(x, weight, bias, scale, shift, groups);
+  constexpr const char* op = "groupnorm_silu_backward";
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": grad_y has shape ", grad_y.sizes(),
+                    " but x has shape ", x.sizes());
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y has dtype ",
+                   dtype_name(grad_y.scalar_type()), " but x has dtype ",
+                   dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
+                    " but x is on ", x.device());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean},
+                                {"rstd", &rstd}}) {
+    TORCH_CHECK_VALUE(t->numel() == p.N * p.G, op, ": ", name, " must have N * groups = ",
+                      p.N * p.G, " elements, got ", t->numel());
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(),
+                      " but x is on ", x.device());
+  }
+  return p;
 }
 
 // Per-(n, c) parameters in accumulation precision: w, b [C]; s1 = 1 + scale, sh [N, C].
@@ -420,7 +350,6 @@ Params<acc_t> gather_params(const Problem& p, const at::Tensor& weight, const at
 template <typename scalar_t, typename acc_t>
 void forward_impl(const Problem& p, const scalar_t* x, scalar_t* y, acc_t* mean_out,
                   acc_t* rstd_out, const Params<acc_t>& prm, double eps, bool activation) {
-  using R = Rows<scalar_t, acc_t>;
   const int64_t M = p.cpg * p.HW;  // elements per group
   if (!p.channels_last) {
     at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
@@ -429,7 +358,7 @@ void forward_impl(const Problem& p, const scalar_t* x, scalar_t* y, acc_t* mean_
         const scalar_t* xg = x + ng * M;
         double s = 0, ss = 0;
         const acc_t pivot = M > 0 ? static_cast<acc_t>(xg[0]) : acc_t(0);
-        R::sums(xg, M, pivot, s, ss);
+        shifted_sums(xg, M, pivot, s, ss);
         const double m = s / M, var = std::max(ss / M - m * m, 0.0);
         const acc_t mean = static_cast<acc_t>(pivot + m);
         const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
@@ -439,7 +368,7 @@ void forward_impl(const Problem& p, const scalar_t* x, scalar_t* y, acc_t* mean_
           const int64_t c = g * p.cpg + cl, nc = n * p.C + c;
           const acc_t A = rstd * prm.w[c] * prm.s1[nc];
           const acc_t B = (prm.b[c] - mean * rstd * prm.w[c]) * prm.s1[nc] + prm.sh[nc];
-          R::run(xg + cl * p.HW, y + ng * M + cl * p.HW, p.HW, A, B, activation);
+          affine_act_run(xg + cl * p.HW, y + ng * M + cl * p.HW, p.HW, A, B, activation);
         }
       }
     });
@@ -493,7 +422,7 @@ void forward_impl(const Problem& p, const scalar_t* x, scalar_t* y, acc_t* mean_
         }
       }
       for (int64_t hw = 0; hw < p.HW; ++hw)
-        R::row(xn + hw * p.C, y + (n * p.HW + hw) * p.C, p.C, A.data(), B.data(), activation);
+        affine_act_row(xn + hw * p.C, y + (n * p.HW + hw) * p.C, p.C, A.data(), B.data(), activation);
     }
   });
 }
@@ -502,8 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups,
     double eps, bool activation) {
-  Problem p = check_inputs(x_in, weight, bias, scale, shift, groups);
-  at::Tensor x = canonical(x_in, p.channels_last);
+  const Problem p = check_inputs(x_in, weight, bias, scale, shift, groups);
+  const at::Tensor x = x_in.contiguous(kept_layout(x_in, false));
   const auto stat_dtype = opmath_dtype(x.scalar_type());
   at::Tensor y = at::empty_like(x, p.channels_last ? at::MemoryFormat::ChannelsLast
                                                    : at::MemoryFormat::Contiguous);
@@ -527,7 +456,6 @@ template <typename scalar_t, typename acc_t>
 void backward_impl(const Problem& p, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
                    const acc_t* mean, const acc_t* rstd, const Params<acc_t>& prm, bool activation,
                    acc_t* T1, acc_t* T2 /* [N, C] outputs of pass 1 */) {
-  using R = Rows<scalar_t, acc_t>;
   const int64_t M = p.cpg * p.HW;
   // Per-(n, c) coefficients: a = A x + B, xhat = P x + Q.
   auto coeffs = [&](int64_t n, int64_t c, acc_t& A, acc_t& B, acc_t& P, acc_t& Q) {
@@ -560,7 +488,7 @@ void backward_impl(const Problem& p, const scalar_t* dy, const scalar_t* x, scal
           coeffs(n, c, A, B, P, Q);
           T1[n * p.C + c] = 0;
           T2[n * p.C + c] = 0;
-          R::bsums_run(dy + off, x + off, p.HW, A, B, P, Q, activation, T1[n * p.C + c], T2[n * p.C + c]);
+          bwd_sums_run(dy + off, x + off, p.HW, A, B, P, Q, activation, T1[n * p.C + c], T2[n * p.C + c]);
         }
         acc_t c1, c2;
         group_consts(n, g, c1, c2);
@@ -571,7 +499,7 @@ void backward_impl(const Problem& p, const scalar_t* dy, const scalar_t* x, scal
           coeffs(n, c, A, B, P, Q);
           const acc_t K = r * prm.s1[n * p.C + c] * prm.w[c];
           const acc_t L = -r * r * c2, Mc = -r * c1 + r * r * mean[ng] * c2;
-          R::bdx_run(dy + off, x + off, dx + off, p.HW, A, B, K, L, Mc, activation);
+          bwd_dx_run(dy + off, x + off, dx + off, p.HW, A, B, K, L, Mc, activation);
         }
       }
     });
@@ -587,7 +515,7 @@ void backward_impl(const Problem& p, const scalar_t* dy, const scalar_t* x, scal
       std::fill(t2, t2 + p.C, acc_t(0));
       const int64_t base = n * p.HW * p.C;
       for (int64_t hw = 0; hw < p.HW; ++hw)
-        R::bsums_row(dy + base + hw * p.C, x + base + hw * p.C, p.C, A.data(), B.data(), P.data(),
+        bwd_sums_row(dy + base + hw * p.C, x + base + hw * p.C, p.C, A.data(), B.data(), P.data(),
                      Q.data(), activation, t1, t2);
       for (int64_t g = 0; g < p.G; ++g) {
         acc_t c1, c2;
@@ -601,10 +529,29 @@ void backward_impl(const Problem& p, const scalar_t* dy, const scalar_t* x, scal
         }
       }
       for (int64_t hw = 0; hw < p.HW; ++hw)
-        R::bdx_row(dy + base + hw * p.C, x + base + hw * p.C, dx + base + hw * p.C, p.C, A.data(),
+        bwd_dx_row(dy + base + hw * p.C, x + base + hw * p.C, dx + base + hw * p.C, p.C, A.data(),
                    B.data(), K.data(), L.data(), Mv.data(), activation);
     }
   });
+}
+
+// The parameter gradients from the per-(n, c) sums T1 = sum_hw g, T2 = sum_hw g xhat ([N, C],
+// accumulation dtype), the formulas of param_grads in cmkernels/ops/groupnorm_silu/epilogue.py:
+//   dweight = sum_n (1 + scale) T2,  dbias = sum_n (1 + scale) T1,  dscale = w T2 + b T1,
+//   dshift = T1; empty tensors for an absent scale / shift.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_grads(
+    const at::Tensor& T1, const at::Tensor& T2, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  const auto acc = T1.scalar_type();
+  const at::Tensor w = weight.to(acc), b = bias.to(acc);
+  const at::Tensor s1 = scale ? scale->reshape(T1.sizes()).to(acc) + 1 : at::Tensor();
+  at::Tensor grad_weight = (scale ? s1 * T2 : T2).sum(0).to(weight.scalar_type());
+  at::Tensor grad_bias = (scale ? s1 * T1 : T1).sum(0).to(bias.scalar_type());
+  at::Tensor grad_scale = scale ? (w * T2 + b * T1).to(scale->scalar_type()).reshape(scale->sizes())
+                                : at::empty({0}, weight.options());
+  at::Tensor grad_shift = shift ? T1.to(shift->scalar_type()).reshape(shift->sizes())
+                                : at::empty({0}, weight.options());
+  return {grad_weight, grad_bias, grad_scale, grad_shift};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_backward_cpu(
@@ -612,17 +559,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm
     const at::Tensor& bias, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t groups, bool activation) {
-  Problem p = check_inputs(x_in, weight, bias, scale, shift, groups);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes() && grad_y.scalar_type() == x_in.scalar_type(),
-              "groupnorm_silu_backward: grad_y must match x in shape and dtype, got ",
-              grad_y.sizes(), " ", grad_y.scalar_type());
-  at::Tensor x = canonical(x_in, p.channels_last);
+  const Problem p =
+      check_backward_inputs(grad_y, x_in, weight, bias, scale, shift, mean, rstd, groups);
   const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
   at::Tensor dy = grad_y.contiguous(fmt);
   const auto acc = opmath_dtype(x.scalar_type());
   at::Tensor mean_c = mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
-  TORCH_CHECK(mean_c.numel() == p.N * p.G && rstd_c.numel() == p.N * p.G,
-              "groupnorm_silu_backward: mean and rstd must have N * groups elements");
   at::Tensor dx = at::empty_like(x, fmt);
   at::Tensor T1 = at::zeros({p.N, p.C}, x.options().dtype(acc));
   at::Tensor T2 = at::zeros({p.N, p.C}, x.options().dtype(acc));
@@ -636,15 +579,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm
                                      T1.mutable_data_ptr<acc_t>(), T2.mutable_data_ptr<acc_t>());
     });
   }
-  // Parameter gradients from the per-(n, c) sums (tiny [N, C] tensors).
-  at::Tensor w = weight.to(acc), b = bias.to(acc);
-  at::Tensor s1 = scale ? scale->reshape({p.N, p.C}).to(acc) + 1 : at::ones({p.N, p.C}, T1.options());
-  at::Tensor grad_weight = (s1 * T2).sum(0).to(weight.scalar_type());
-  at::Tensor grad_bias = (s1 * T1).sum(0).to(bias.scalar_type());
-  at::Tensor grad_scale = scale ? (w * T2 + b * T1).to(scale->scalar_type()).reshape(scale->sizes())
-                                : at::empty({0}, weight.options());
-  at::Tensor grad_shift = shift ? T1.to(shift->scalar_type()).reshape(shift->sizes())
-                                : at::empty({0}, weight.options());
+  const auto [grad_weight, grad_bias, grad_scale, grad_shift] =
+      param_grads(T1, T2, weight, bias, scale, shift);
   return {dx, grad_weight, grad_bias, grad_scale, grad_shift};
 }
 
@@ -654,7 +590,5 @@ TORCH_LIBRARY_IMPL(cmkernels, CPU, m) {
   m.impl("groupnorm_silu", &groupnorm_silu_cpu);
   m.impl("groupnorm_silu_backward", &groupnorm_silu_backward_cpu);
 }
-
-bool cpu_avx2_kernels() { return cpu_has_avx2(); }  // reported by build_info()
 
 }  // namespace cmkernels

@@ -15,7 +15,7 @@ TORCH_LIBRARY(cmkernels, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Multi-head self-attention on the packed layout: qkv [B, 3*H*d, T], channel order (three, heads,
   // head_dim) -> (out [B, H*d, T], lse [B, H, T] fp32: logsumexp of each softmax row).
-  // Kernels: CPU and CUDA (Triton) both register from Python (cmkernels/ops/attention.py).
+  // Kernels: CPU and CUDA (Triton) both register from Python (cmkernels/ops/attention/).
   m.def("attention(Tensor qkv, int num_heads) -> (Tensor, Tensor)");
   // Returns grad_qkv [B, 3*H*d, T].
   m.def(

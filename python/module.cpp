@@ -1,16 +1,17 @@
 // The Python module cmkernels._C. Importing it loads this shared library, whose static initialisers
 // register the cmkernels operators (csrc/ops.cpp and the TORCH_LIBRARY_IMPL blocks). The module
-// itself exposes how the extension was built.
+// itself exposes how the extension was built: build_info(), with what only nvcc knows from
+// csrc/cuda_info.cu and the CPU kernels' AVX2 selection from csrc/cpu_math.h.
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
 #include <string>
 
+#include "cpu_math.h"
+
 namespace py = pybind11;
 
 namespace cmkernels {
-// Defined in csrc/groupnorm_silu_cpu.cpp: whether the CPU kernels run their AVX2 variants.
-bool cpu_avx2_kernels();
 #if CMKERNELS_WITH_CUDA
 // Defined in csrc/cuda_info.cu (compiled by nvcc, which knows the target architectures).
 std::string cuda_arch_list();
@@ -47,7 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["cuda_archs"] = "";
         info["cuda_runtime_version"] = py::none();
 #endif
-        info["cpu_avx2_kernels"] = cmkernels::cpu_avx2_kernels();
+        info["cpu_avx2_kernels"] = cmkernels::cpu_has_avx2();  // the CPU kernels' variant here
 #if defined(_OPENMP)
         info["openmp"] = true;
 #else

@@ -7,6 +7,9 @@ CPU tensors under the interpreter). ``-m "gpu or triton"`` is every test of the 
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -16,7 +19,7 @@ if not CUDA:
 
 import pytest  # noqa: E402
 
-from cmkernels.ops._triton import HAS_TRITON, INTERPRET  # noqa: E402
+from cmkernels.ops.triton_support import HAS_TRITON, INTERPRET  # noqa: E402
 
 # Where the Triton launchers run: the GPU, or CPU tensors under the interpreter (None: nowhere).
 TRITON_DEVICE = "cuda" if CUDA and HAS_TRITON else ("cpu" if INTERPRET else None)
@@ -43,6 +46,41 @@ def needs_triton(test):
     for mark in TRITON_MARKS:
         test = mark(test)
     return test
+
+
+def raised(fn) -> tuple[type, str]:
+    """(type, message) of the exception fn() raises; fails the test where it raises none."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the point is to catch whatever it raises
+        return type(exc), str(exc)
+    pytest.fail("expected an exception, none was raised")
+
+
+def assert_same_error(expected: tuple[type, str], fn) -> None:
+    """fn() raises exactly the expected (type, message): what every path of an op must do for the
+    same bad input (the Python checks, the fake kernel, the C++ kernel, the Triton launcher)."""
+    got = raised(fn)
+    assert got == expected, f"raised {got[0].__name__}: {got[1]!r}, expected {expected[1]!r}"
+
+
+def run_without_extension(code: str) -> None:
+    """Runs code in a fresh interpreter in which cmkernels._C cannot be imported, so that the ops
+    are declared from Python and served by their fallbacks; the code must print "ok"."""
+    prelude = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["cmkernels._C"] = None
+        with warnings.catch_warnings(record=True):
+            import cmkernels
+        assert not cmkernels.HAS_EXTENSION
+    """)
+    run = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from cmkernels.ops._triton import INTERPRET  # noqa: E402
+from cmkernels.ops.triton_support import INTERPRET  # noqa: E402
 
 needs_jit = pytest.mark.skipif(
     INTERPRET or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),

@@ -21,13 +21,23 @@ import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from conftest import TRITON_DEVICE, needs_triton, requires_cuda  # noqa: E402
+from conftest import (  # noqa: E402
+    TRITON_DEVICE,
+    TRITON_MARKS,
+    assert_same_error,
+    needs_triton,
+    raised,
+    requires_cuda,
+)
 
 import cmkernels  # noqa: E402, F401
 from cmkernels.ops import attention, attention_bhtd, attention_bhtd_ref, attention_ref  # noqa: E402
-from cmkernels.ops._registry import schema_of  # noqa: E402
+from cmkernels.ops.registry import schema_of  # noqa: E402
+from cmkernels.ops.triton_support import HAS_TRITON  # noqa: E402
 
+# importlib: cmkernels.ops re-exports the function attention, which shadows the package there.
 A = importlib.import_module("cmkernels.ops.attention")
+LAUNCH = importlib.import_module("cmkernels.ops.attention.launch")
 
 gpu = requires_cuda
 
@@ -145,7 +155,7 @@ def test_triton_other_head_dims(d, dtype):
 def test_triton_small_blocks(monkeypatch, dtype):
     # 16 x 16 tiles at T = 61: three full blocks plus a ragged tail in every loop of every kernel.
     tiles = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
-    monkeypatch.setattr(A, "_heuristic", lambda kernel, T, d, dt: tiles)
+    monkeypatch.setattr(LAUNCH, "tile_config", lambda kernel, T, d, dt: tiles)
     monkeypatch.setenv("CMKERNELS_AUTOTUNE", "0")
     torch.manual_seed(0)
     H, d, T = 1, 32, 61
@@ -358,8 +368,89 @@ def test_bad_inputs():
         torch.ops.cmkernels.attention_backward(out, qkv, out, lse.double(), 1)
 
 
+# For the same bad input every path raises what the op's check (cmkernels/ops/attention/checks.py)
+# raises, type and text: the public function, the registered op on CPU tensors (its CPU kernel),
+# the op on meta tensors (its fake kernel) and the Triton launcher.
+def _qkv(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def _bhtd(T=5, d=16, dtype=torch.float32, device="cpu"):
+    return torch.randn(1, 2, T, d).to(dtype).to(device)
+
+
+def _packed_backward(grad_T=4, out_dtype=torch.float32, lse_dtype=torch.float32):
+    """(grad_out, qkv, out, lse, num_heads) of one head of d = 16 over T = 4."""
+    grad_out, out = _qkv(1, 16, grad_T), _qkv(1, 16, 4).to(out_dtype)
+    return grad_out, _qkv(1, 48, 4), out, _qkv(1, 1, 4).to(lse_dtype), 1
+
+
+BAD = {  # name: (op, arguments on the CPU)
+    "channels": ("attention", lambda: (_qkv(1, 3 * 16 + 3, 4), 2)),
+    "num_heads": ("attention", lambda: (_qkv(1, 48, 4), 0)),
+    "head_dim": ("attention", lambda: (_qkv(1, 3 * 256, 4), 1)),
+    "qkv_dims": ("attention", lambda: (_qkv(48, 4), 1)),
+    "qkv_int": ("attention", lambda: (torch.ones(1, 48, 4, dtype=torch.int32), 1)),
+    "q_dims": ("attention_bhtd", lambda: (_qkv(2, 5, 16),) * 3),
+    "k_shape": ("attention_bhtd", lambda: (_bhtd(), _bhtd(T=6), _bhtd())),
+    "v_dtype": ("attention_bhtd", lambda: (_bhtd(), _bhtd(), _bhtd(dtype=torch.half))),
+    "v_device": ("attention_bhtd", lambda: (_bhtd(), _bhtd(), _bhtd(device="meta"))),
+    "bhtd_head_dim": ("attention_bhtd", lambda: (_bhtd(d=160),) * 3),
+    "grad_out_shape": ("attention_backward", lambda: _packed_backward(grad_T=3)),
+    "out_dtype": ("attention_backward", lambda: _packed_backward(out_dtype=torch.half)),
+    "lse_dtype": ("attention_backward", lambda: _packed_backward(lse_dtype=torch.double)),
+    "lse_shape": ("attention_bhtd_backward", lambda: (_bhtd(),) * 5 + (_qkv(1, 2, 4),)),
+}
+CHECKS = {
+    "attention": A.check_packed,
+    "attention_bhtd": A.check_bhtd,
+    "attention_backward": A.check_packed_backward,
+    "attention_bhtd_backward": A.check_bhtd_backward,
+}
+PUBLIC = {"attention": attention, "attention_bhtd": attention_bhtd}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+@pytest.mark.parametrize(
+    "path", ["public", "cpu_op", "meta", pytest.param("triton", marks=TRITON_MARKS)]
+)
+def test_every_path_raises_the_same_error(path, kind):
+    op, make = BAD[kind]
+    args = make()
+    if path == "public" and op not in PUBLIC:
+        pytest.skip("the public functions have no backward entry")
+    if path == "meta" and kind.endswith("device"):
+        pytest.skip("on meta every tensor is on one device")
+    if path in ("meta", "triton"):
+        dev = "meta" if path == "meta" else TRITON_DEVICE
+        args = tuple(a.to(dev) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a
+                     for a in args)  # fmt: skip
+    want = raised(lambda: CHECKS[op](*args))
+    if path == "public":
+        fn = PUBLIC[op]
+    elif path == "triton":
+        fn = getattr(A, op + "_triton")
+    else:
+        fn = getattr(torch.ops.cmkernels, op).default
+    assert_same_error(want, lambda: fn(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_lse_dtype_is_the_accumulation_dtype_on_every_path(dtype):
+    # lse: float32, float64 for float64 input, from the CPU kernel and the fake kernel alike (the
+    # Triton kernels take no float64; their float32 lse is checked above).
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    qkv = _qkv(2, 3 * 2 * 8, 5, dtype=dtype)
+    for x in (qkv, qkv.to("meta")):
+        out, lse = torch.ops.cmkernels.attention(x, 2)
+        assert out.dtype == dtype and lse.dtype == want and lse.shape == (2, 2, 5)
+        q = x[:, :16].reshape(2, 2, 8, 5).transpose(-1, -2)
+        out, lse = torch.ops.cmkernels.attention_bhtd(q, q, q)
+        assert out.dtype == dtype and lse.dtype == want and lse.shape == (2, 2, 5)
+
+
 @pytest.mark.triton
-@pytest.mark.skipif(not A.HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_triton_bad_inputs():
     if TRITON_DEVICE is not None:
         x64 = torch.randn(1, 48, 4, dtype=torch.float64, device=TRITON_DEVICE)

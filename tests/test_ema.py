@@ -7,21 +7,20 @@ layout first (tested with channels_last and strided parameters); a non-dense cop
 
 import copy
 import io
-import subprocess
-import sys
 
 import pytest
 import torch
 from _tolerance import assert_close_rule
-from conftest import requires_cuda
+from conftest import assert_same_error, raised, requires_cuda, run_without_extension
 from torch import nn
 
+import cmkernels
 from cmkernels.ops import EMA, ema_update_, ema_update_ref_
-from cmkernels.ops._registry import schema_of
-from cmkernels.ops.ema import SCHEMA, _fallback
+from cmkernels.ops.ema import SCHEMA, check_inputs, ema_update_fallback_
+from cmkernels.ops.registry import schema_of
 
 OP = torch.ops.cmkernels.ema_update_.default
-IMPLS = {"kernel": OP, "fallback": _fallback}
+IMPLS = {"kernel": OP, "fallback": ema_update_fallback_}
 RATES = {
     1: [0.9],
     3: [0.999, 0.9, 0.5],
@@ -153,24 +152,17 @@ def test_schema_declared_once_and_matches_python():
 
 
 def test_fallback_without_extension():
-    code = """
-import sys, warnings
-sys.modules["cmkernels._C"] = None
-with warnings.catch_warnings(record=True):
-    import cmkernels
-import copy, torch
-from cmkernels.ops import ema_update_, ema_update_ref_
-assert not cmkernels.HAS_EXTENSION
-params = [torch.randn(5, 3), torch.randn(7).bfloat16()]
-emas = [[torch.randn(p.shape) for p in params] for _ in range(2)]
-want = copy.deepcopy(emas)
-ema_update_(params, emas, [0.9, 0.5])
-ema_update_ref_(params, want, [0.9, 0.5])
-assert all(torch.equal(a, b) for ka, kb in zip(emas, want) for a, b in zip(ka, kb))
-print("ok")
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    run_without_extension("""
+        import copy, torch
+        from cmkernels.ops import ema_update_, ema_update_ref_
+        params = [torch.randn(5, 3), torch.randn(7).bfloat16()]
+        emas = [[torch.randn(p.shape) for p in params] for _ in range(2)]
+        want = copy.deepcopy(emas)
+        ema_update_(params, emas, [0.9, 0.5])
+        ema_update_ref_(params, want, [0.9, 0.5])
+        assert all(torch.equal(a, b) for ka, kb in zip(emas, want) for a, b in zip(ka, kb))
+        print("ok")
+    """)
 
 
 def _bad(kind):
@@ -202,6 +194,8 @@ def _bad(kind):
         emas[1][1] = emas[1][1].to("meta")
     elif kind == "not_dense":
         emas[0][0] = torch.randn(4, 6)[:, ::2]
+    elif kind == "strides_differ":
+        emas[1][0] = torch.randn(3, 4).t()  # dense, but laid out unlike copy 0
     errors = {
         "length": (ValueError, "emas\\[1\\] has 1 tensors for 2 params"),
         "shape": (ValueError, r"copy 1 of params\[0\] has shape"),
@@ -213,19 +207,21 @@ def _bad(kind):
         "too_many_rates": (ValueError, "at most 8 rates"),
         "no_rates": (ValueError, "rates must not be empty"),
         "device": (ValueError, "is on meta"),
-        "not_dense": (RuntimeError, "must be a dense tensor"),
+        "not_dense": (ValueError, "must be a dense tensor"),
+        "strides_differ": (ValueError, "must share one memory layout"),
     }
     return (params, emas, rates) + errors[kind]
 
 
 BAD = ["length", "flat_length", "shape", "ema_dtype", "param_dtype", "rate_high", "rate_low",
-       "rate_nan", "too_many_rates", "no_rates", "device", "not_dense"]  # fmt: skip
+       "rate_nan", "too_many_rates", "no_rates", "device", "not_dense",
+       "strides_differ"]  # fmt: skip
 # The public entry point takes per-rate lists (a short one is "length"), the op the flat list
-# ("flat_length"); the reference behind the fallback handles any layout ("not_dense").
+# ("flat_length").
 CASES = (
     [("public", k) for k in BAD if k != "flat_length"]
     + [("kernel", k) for k in BAD if k != "length"]
-    + [("fallback", k) for k in BAD if k not in ("length", "not_dense")]
+    + [("fallback", k) for k in BAD if k != "length"]
 )
 
 
@@ -237,9 +233,36 @@ def test_bad_input_raises_clear_error(entry, kind):
     else:
         flat = emas if kind == "flat_length" else _flat(emas)
         fn = lambda: IMPLS[entry](params, flat, rates)
-    # The C++ kernel reports through TORCH_CHECK (a RuntimeError carrying the same text).
-    with pytest.raises((error, RuntimeError), match=match):
+    with pytest.raises(error, match=match):
         fn()
+
+
+@pytest.mark.parametrize("kind", [k for k in BAD if k != "length"])
+@pytest.mark.parametrize("path", ["public", "kernel", "fallback", "meta"])
+def test_every_path_raises_the_same_error(path, kind):
+    # The op's checks (check_inputs), the C++ kernel (the registered op on CPU tensors), the
+    # fallback, the public function and the fake kernel (the op on meta tensors) raise one error,
+    # type and text, for the same bad input.
+    if path == "kernel" and not cmkernels.HAS_EXTENSION:
+        pytest.skip("needs the compiled extension")
+    if path == "meta" and kind == "device":
+        pytest.skip("on meta every tensor is on one device")
+    if path == "public" and kind == "flat_length":
+        pytest.skip("the public function takes one list per rate")
+    params, emas, rates, error, _ = _bad(kind)
+    flat = emas if kind == "flat_length" else _flat(emas)
+    if path == "meta":
+        # empty_strided: .to("meta") would give a non-dense copy dense strides
+        meta = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        params, flat = [meta(p) for p in params], [meta(e) for e in flat]
+        emas = [flat[k * len(params) : (k + 1) * len(params)] for k in range(len(emas))]
+    want = raised(lambda: check_inputs(params, flat, rates))
+    assert want[0] is error
+    if path == "public":
+        assert_same_error(want, lambda: ema_update_(params, emas, rates))
+    else:
+        fn = ema_update_fallback_ if path == "fallback" else OP
+        assert_same_error(want, lambda: fn(params, flat, rates))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,6 +369,19 @@ def test_cuda_kernel_matches_float64(K):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
 
 
+def _replay_and_check(graph, params, emas, ref, step):
+    """Three replays of a captured ema_update_ at RATES[3], the parameters moved by `step` before
+    each; then the copies against the reference applied as many times."""
+    for _ in range(3):
+        for p in params:
+            p.add_(step)
+        graph.replay()
+        ema_update_ref_(params, ref, RATES[3])
+    torch.cuda.synchronize()
+    for a, b in zip(_flat(emas), _flat(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @requires_cuda
 def test_cuda_table_cache_and_graph_capture():
     params = _many_cuda_params()
@@ -374,13 +410,7 @@ def test_cuda_table_cache_and_graph_capture():
     with torch.cuda.graph(graph):
         ema_update_(params, emas, RATES[3])
     ema_update_(other_params, other_emas, RATES[3])
-    for _ in range(3):
-        for p in params:
-            p.add_(1.0)
-        graph.replay()
-        ema_update_ref_(params, ref, RATES[3])
-    for a, b in zip(_flat(emas), _flat(ref)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _replay_and_check(graph, params, emas, ref, step=1.0)
     torch.library.opcheck(OP, (params[:20], _flat([c[:20] for c in emas]), RATES[3]))
 
 
@@ -394,11 +424,4 @@ def test_cuda_graph_capture_of_a_table_never_seen():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ema_update_(params, emas, RATES[3])
-    for _ in range(3):
-        for p in params:
-            p.add_(0.5)
-        graph.replay()
-        ema_update_ref_(params, ref, RATES[3])
-    torch.cuda.synchronize()
-    for a, b in zip(_flat(emas), _flat(ref)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _replay_and_check(graph, params, emas, ref, step=0.5)

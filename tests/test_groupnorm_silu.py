@@ -5,19 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_close_rule, rel_err
-from conftest import TRITON_DEVICE, TRITON_MARKS, requires_cuda
+from conftest import TRITON_DEVICE, TRITON_MARKS, assert_same_error, raised, requires_cuda
 
 import cmkernels
 from cmkernels.ops import groupnorm_silu, groupnorm_silu_ref
-from cmkernels.ops import groupnorm_silu as gn_module  # noqa: F401
-from cmkernels.ops._registry import schema_of
 from cmkernels.ops.groupnorm_silu import (
     SCHEMA,
-    _backward_fallback,
-    _forward_fallback,
+    check_backward_inputs,
+    check_inputs,
+    groupnorm_silu_backward_fallback,
     groupnorm_silu_backward_triton,
+    groupnorm_silu_fallback,
     groupnorm_silu_triton,
 )
+from cmkernels.ops.registry import schema_of
 
 OP = torch.ops.cmkernels.groupnorm_silu.default
 BWD = torch.ops.cmkernels.groupnorm_silu_backward.default
@@ -25,7 +26,7 @@ BWD = torch.ops.cmkernels.groupnorm_silu_backward.default
 IMPLS = {
     "cpu": (OP, BWD),
     "triton": (groupnorm_silu_triton, groupnorm_silu_backward_triton),
-    "fallback": (_forward_fallback, _backward_fallback),
+    "fallback": (groupnorm_silu_fallback, groupnorm_silu_backward_fallback),
 }
 # The Triton launchers run on TRITON_DEVICE (the GPU, or CPU tensors under the interpreter).
 IMPL_PARAMS = [
@@ -35,6 +36,7 @@ IMPL_PARAMS = [
 
 def _device(impl: str) -> str:
     return TRITON_DEVICE if impl == "triton" else "cpu"
+
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -223,6 +225,127 @@ def test_bad_input_raises_clear_error(mutate, error, match, impl):
     # The C++ kernel reports through TORCH_CHECK (a RuntimeError subclass carrying the same text).
     with pytest.raises((error, RuntimeError), match=match):
         fn()
+
+
+# ------------------------------------------------------------------------------------------------
+# One set of argument rules (cmkernels/ops/groupnorm_silu/checks.py, mirrored in C++): for the same
+# bad input every path raises what the Python check raises, type and text.
+
+BAD_FORWARD = {
+    "groups_not_dividing": lambda a: a.update(groups=5),
+    "groups_zero": lambda a: a.update(groups=0),
+    "x_one_dim": lambda a: a.update(x=a["x"][0, 0, 0]),
+    "x_int": lambda a: a.update(x=a["x"].long()),
+    "weight_shape": lambda a: a.update(w=a["w"][:-1]),
+    "weight_half_for_float_x": lambda a: a.update(w=a["w"].half()),
+    "bias_device": lambda a: a.update(b=a["b"].to("meta")),
+    "scale_shape": lambda a: a.update(s=a["s"][:, :-1]),
+    # [N, C, 1] does not broadcast against a 4-d x; [N, C] and [N, C, 1, 1] do (accepted).
+    "scale_n_c_1": lambda a: a.update(s=a["s"][:, :, None]),
+    "scale_5d": lambda a: a.update(s=a["s"][:, :, None, None, None]),
+    "shift_float64": lambda a: a.update(sh=a["sh"].double()),
+    "shift_device": lambda a: a.update(sh=a["sh"].to("meta")),
+}
+BAD_BACKWARD = {
+    "grad_shape": lambda a: a.update(g=a["g"][..., :-1]),
+    "grad_dtype": lambda a: a.update(g=a["g"].half()),
+    "grad_device": lambda a: a.update(g=a["g"].to("meta")),
+    "mean_numel": lambda a: a.update(mean=a["mean"][:, :-1]),
+    "rstd_device": lambda a: a.update(rstd=a["rstd"].to("meta")),
+    "groups_not_dividing": lambda a: a.update(groups=3),
+    "scale_n_c_1": lambda a: a.update(s=a["s"][:, :, None]),
+}
+DEVICE_CASES = {"bias_device", "shift_device", "grad_device", "rstd_device"}
+
+# Every path of the ops: the public function, the registered op on CPU tensors (the C++ kernel),
+# the no-extension fallback, the registered op on meta tensors (its fake kernel), the Triton
+# launcher (TRITON_DEVICE).
+PATHS = ["public", "cpu_op", "fallback", "meta", pytest.param("triton", marks=TRITON_MARKS)]
+
+
+def _bad_call(path, kind, backward):
+    """(the Python check's call, the path's call) on the same bad arguments."""
+    dev = TRITON_DEVICE if path == "triton" else "cpu"
+    if path == "cpu_op" and not cmkernels.HAS_EXTENSION:
+        pytest.skip("needs the compiled extension")
+    if path == "meta" and kind in DEVICE_CASES:
+        pytest.skip("on meta every tensor is on one device")
+    if path == "public" and backward:
+        pytest.skip("the public function has no backward entry")
+    x, w, b, s, sh = _inputs((2, 8, 4, 4), 4, torch.float32, "contiguous", True, device=dev)
+    a = dict(x=x, w=w, b=b, s=s, sh=sh, groups=4, g=torch.randn_like(x))
+    a["mean"], a["rstd"] = torch.zeros(2, 4, device=dev), torch.ones(2, 4, device=dev)
+    (BAD_BACKWARD if backward else BAD_FORWARD)[kind](a)
+    if path == "meta":
+        a = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    fwd_args = (a["x"], a["w"], a["b"], a["s"], a["sh"], a["groups"])
+    if backward:
+        args = (a["g"], *fwd_args[:-1], a["mean"], a["rstd"], a["groups"])
+        check = lambda: check_backward_inputs(*args)
+        fn = {"cpu_op": BWD, "meta": BWD, "fallback": groupnorm_silu_backward_fallback,
+              "triton": groupnorm_silu_backward_triton}[path]  # fmt: skip
+        return check, lambda: fn(*args, True)
+    check = lambda: check_inputs(*fwd_args)
+    if path == "public":
+        return check, lambda: groupnorm_silu(*fwd_args[:-1], groups=a["groups"])
+    fn = {"cpu_op": OP, "meta": OP, "fallback": groupnorm_silu_fallback,
+          "triton": groupnorm_silu_triton}[path]  # fmt: skip
+    return check, lambda: fn(*fwd_args, 1e-5, True)
+
+
+@pytest.mark.parametrize("kind", list(BAD_FORWARD))
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_raises_the_same_error(path, kind):
+    check, call = _bad_call(path, kind, backward=False)
+    assert_same_error(raised(check), call)
+
+
+@pytest.mark.parametrize("kind", list(BAD_BACKWARD))
+@pytest.mark.parametrize("path", PATHS)
+def test_every_backward_path_raises_the_same_error(path, kind):
+    check, call = _bad_call(path, kind, backward=True)
+    assert_same_error(raised(check), call)
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+def test_broadcastable_scale_shape_is_accepted(impl):
+    # scale / shift as [N, C, 1, 1] (what broadcasts against x) give what [N, C] gives, and their
+    # gradients come back in that shape.
+    fwd, bwd = IMPLS[impl]
+    x, w, b, s, sh = _inputs(
+        (2, 8, 5, 3), 4, torch.float32, "contiguous", True, device=_device(impl)
+    )
+    s4, sh4 = s[:, :, None, None], sh[:, :, None, None]
+    y, mean, rstd = fwd(x, w, b, s, sh, 4, 1e-5, True)
+    y4, mean4, rstd4 = fwd(x, w, b, s4, sh4, 4, 1e-5, True)
+    torch.testing.assert_close(y4, y, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    grads = bwd(g, x, w, b, s, sh, mean, rstd, 4, True)
+    grads4 = bwd(g, x, w, b, s4, sh4, mean4, rstd4, 4, True)
+    assert grads4[3].shape == s4.shape and grads4[4].shape == sh4.shape
+    for got, want in zip(grads4, grads, strict=True):
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=0, atol=0)
+
+
+STAT_PATHS = ["cpu_op", "fallback", "meta", pytest.param("triton", marks=TRITON_MARKS)]
+
+
+@pytest.mark.parametrize("path", STAT_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_statistics_dtype_is_the_accumulation_dtype_on_every_path(path, dtype):
+    # mean and rstd: float32, float64 for float64 input, on every path; the fake kernel (meta)
+    # says the same as the kernels.
+    if path == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take no float64")
+    dev = {"triton": TRITON_DEVICE, "meta": "meta"}.get(path, "cpu")
+    x, w, b, s, sh = _inputs((2, 8, 4, 4), 4, dtype, "contiguous", True, device="cpu")
+    args = [t.to(dev) for t in (x, w, b, s, sh)]
+    fn = {"cpu_op": OP, "meta": OP, "fallback": groupnorm_silu_fallback,
+          "triton": groupnorm_silu_triton}[path]  # fmt: skip
+    y, mean, rstd = fn(*args, 4, 1e-5, True)
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and mean.dtype == want and rstd.dtype == want
+    assert mean.shape == rstd.shape == (2, 4)
 
 
 @pytest.mark.triton

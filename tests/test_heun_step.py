@@ -5,21 +5,25 @@ Non-contiguous inputs: x's layout is kept when it is contiguous, channels_last o
 channels_last_3d; any other strides are copied to contiguous (tested with a strided view), and
 inputs in a different layout than x are copied to x's (tested by mixing layouts)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from _tolerance import assert_close_rule, rel_err
-from conftest import requires_cuda
+from conftest import assert_same_error, raised, requires_cuda, run_without_extension
 
+import cmkernels
 from cmkernels.ops import heun_step1, heun_step1_ref, heun_step2, heun_step2_ref
-from cmkernels.ops._registry import schema_of
-from cmkernels.ops.heun_step import SCHEMA1, SCHEMA2, _step1_fallback, _step2_fallback
+from cmkernels.ops.heun_step import (
+    SCHEMA1,
+    SCHEMA2,
+    check_inputs,
+    heun_step1_fallback,
+    heun_step2_fallback,
+)
+from cmkernels.ops.registry import schema_of
 
 OP1 = torch.ops.cmkernels.heun_step1.default
 OP2 = torch.ops.cmkernels.heun_step2.default
-IMPLS = {"kernel": (OP1, OP2), "fallback": (_step1_fallback, _step2_fallback)}
+IMPLS = {"kernel": (OP1, OP2), "fallback": (heun_step1_fallback, heun_step2_fallback)}
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 
 # Odd sizes: per-sample lengths that are no multiple of any vector width, a single sample, a
@@ -238,25 +242,18 @@ def test_schemas_declared_once_and_match_python():
 
 
 def test_fallback_without_extension():
-    # A fresh interpreter in which cmkernels._C cannot be imported: the ops are declared from
-    # Python and served by the references.
-    code = """
-import sys, warnings
-sys.modules["cmkernels._C"] = None
-with warnings.catch_warnings(record=True):
-    import cmkernels
-import torch
-from cmkernels.ops import heun_step1, heun_step2, heun_step1_ref, heun_step2_ref
-assert not cmkernels.HAS_EXTENSION
-x = torch.randn(2, 3, 4, 4); D = torch.randn_like(x); t = torch.tensor([2.0, 3.0]); tn = t / 2
-x1, d = heun_step1(x, D, t, tn)
-r1, rd = heun_step1_ref(x, D, t, tn)
-assert torch.equal(x1, r1) and torch.equal(d, rd)
-assert torch.equal(heun_step2(x, d, x1, D, t, tn), heun_step2_ref(x, d, x1, D, t, tn))
-print("ok")
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    # The ops are declared from Python and served by the references.
+    run_without_extension("""
+        import torch
+        from cmkernels.ops import heun_step1, heun_step2, heun_step1_ref, heun_step2_ref
+        x = torch.randn(2, 3, 4, 4); D = torch.randn_like(x); t = torch.tensor([2.0, 3.0])
+        tn = t / 2
+        x1, d = heun_step1(x, D, t, tn)
+        r1, rd = heun_step1_ref(x, D, t, tn)
+        assert torch.equal(x1, r1) and torch.equal(d, rd)
+        assert torch.equal(heun_step2(x, d, x1, D, t, tn), heun_step2_ref(x, d, x1, D, t, tn))
+        print("ok")
+    """)
 
 
 # (mutation, error, message, whether stage 1 takes the mutated argument too)
@@ -280,19 +277,55 @@ BAD_INPUTS = [
 ]
 
 
+def _bad_args(mutate, device="cpu"):
+    x, D, D1, t, tn = _inputs((2, 3, 4, 4), torch.float32, torch.float32)
+    a = dict(x=x, D=D, t=t, tn=tn, d=x.clone(), x1=x.clone())
+    if device != "cpu":  # every tensor there, before the mutation (which may move one to meta)
+        a = {k: v.to(device) for k, v in a.items()}
+    mutate(a)
+    return a
+
+
 @pytest.mark.parametrize("mutate, error, match, in_stage1", BAD_INPUTS)
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_bad_input_raises_clear_error(mutate, error, match, in_stage1, impl):
     step1, step2 = IMPLS[impl]
-    x, D, D1, t, tn = _inputs((2, 3, 4, 4), torch.float32, torch.float32)
-    a = dict(x=x, D=D, t=t, tn=tn, d=x.clone(), x1=x.clone())
-    mutate(a)
-    # The C++ kernels report through TORCH_CHECK (a RuntimeError carrying the same text).
-    with pytest.raises((error, RuntimeError), match=match):
+    a = _bad_args(mutate)
+    with pytest.raises(error, match=match):
         step2(a["x"], a["d"], a["x1"], a["D"], a["t"], a["tn"])
     if in_stage1:
-        with pytest.raises((error, RuntimeError), match=match):
+        with pytest.raises(error, match=match):
             step1(a["x"], a["D"], a["t"], a["tn"])
+
+
+# Every path of the ops: the C++ kernel (the registered op on CPU tensors), the no-extension
+# fallback, the public functions, and the registered op on meta tensors (its fake kernel). For the
+# same bad input each raises what the Python check raises, type and text.
+PATHS = {
+    "kernel": (OP1, OP2),
+    "fallback": (heun_step1_fallback, heun_step2_fallback),
+    "public": (heun_step1, heun_step2),
+    "meta": (OP1, OP2),
+}
+
+
+@pytest.mark.parametrize("mutate, error, match, in_stage1", BAD_INPUTS)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_path_raises_the_same_error(mutate, error, match, in_stage1, path):
+    if path == "kernel" and not cmkernels.HAS_EXTENSION:
+        pytest.skip("needs the compiled extension")
+    if path == "meta" and "meta" in match:
+        pytest.skip("on meta every tensor is on one device")
+    step1, step2 = PATHS[path]
+    a = _bad_args(mutate, "meta" if path == "meta" else "cpu")
+    args2 = (a["x"], a["d"], a["x1"], a["D"], a["t"], a["tn"])
+    want = raised(lambda: check_inputs("heun_step2", args2[0], dict(d=a["d"], x1=a["x1"]),
+                                       *args2[3:]))  # fmt: skip
+    assert want[0] is error
+    assert_same_error(want, lambda: step2(*args2))
+    if in_stage1:
+        want = raised(lambda: check_inputs("heun_step1", a["x"], {}, a["D"], a["t"], a["tn"]))
+        assert_same_error(want, lambda: step1(a["x"], a["D"], a["t"], a["tn"]))
 
 
 # ------------------------------------------------------------------------------------------------

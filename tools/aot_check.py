@@ -109,14 +109,20 @@ def _module(name: str) -> types.ModuleType:
 # The package's kernels.
 
 
+def _op_modules() -> list[types.ModuleType]:
+    """Every module of cmkernels.ops, the op packages' submodules included."""
+    ops = _module("cmkernels.ops")
+    return [ops] + [
+        _module(info.name) for info in pkgutil.walk_packages(ops.__path__, prefix="cmkernels.ops.")
+    ]
+
+
 def package_kernels() -> dict[str, JITFunction]:
     """Every @triton.jit function of cmkernels.ops that is launched, by "module:name". Device
     functions (called by name from another jitted function, such as _mma or _load_tile) are
     compiled as part of their callers and left out."""
-    ops = _module("cmkernels.ops")
     found = {}
-    for info in pkgutil.iter_modules(ops.__path__):
-        mod = _module(f"cmkernels.ops.{info.name}")
+    for mod in _op_modules():
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__:
                 found[f"{mod.__name__}:{name}"] = obj
@@ -266,9 +272,9 @@ class Recorder:
         self._stack.close()
 
     def _autotuners(self) -> list[Autotuner]:
-        mods = {k.split(":")[0] for k in self._kernels}
+        # The autotuned kernels live beside the launchers, not always in the kernels' module.
         return [
-            obj for m in mods for obj in vars(_module(m)).values() if isinstance(obj, Autotuner)
+            obj for m in _op_modules() for obj in vars(m).values() if isinstance(obj, Autotuner)
         ]
 
     def _wrap(self, fn: JITFunction) -> None:
@@ -1091,7 +1097,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    if _module("cmkernels.ops._triton").INTERPRET:
+    if _module("cmkernels.ops.triton_support").INTERPRET:
         print("aot_check: cmkernels' kernels are interpreted functions", file=sys.stderr)
         return 2
 

@@ -1,5 +1,10 @@
-"""Fused operators. Each module holds the kernels, the launcher, the torch.library registration and
-the pure-PyTorch reference ``<op>_ref`` of one op."""
+"""Fused operators: the public API of the package's ops.
+
+One op per module or package: ``attention/`` and ``groupnorm_silu/`` (packages, one file per job:
+reference, checks, Triton kernels, launch, CPU path, registration in ``__init__``),
+``heun_step.py`` and ``ema.py`` (single modules, their kernels are C++/CUDA). Shared by all:
+``registry.py`` (op declaration), ``triton_support.py`` (Triton availability, interpreter, launch
+checks), ``common.py`` (accumulation dtype, layout rule, message formatting)."""
 
 from cmkernels.ops.attention import (
     attention,

@@ -9,8 +9,12 @@ pass over all tensors.
 
 Pieces:
 - ``ema_update_ref_``: the pure-PyTorch reference (in place, in the copies' dtype).
-- ``torch.ops.cmkernels.ema_update_``: schema in csrc/ops.cpp, kernels in csrc/heun_ema_cpu.cpp
-  and csrc/heun_ema_cuda.cu, fake kernel here.
+- ``check_inputs``: the argument rules, shared by the fake kernel and the fallback; the C++
+  kernels (``ema_check`` in csrc/ema_cpu.cpp) enforce the same ones with the same error types and
+  texts.
+- ``ema_update_fallback_``: the kernel in PyTorch, used when the compiled extension is missing.
+- ``torch.ops.cmkernels.ema_update_``: schema in csrc/ops.cpp, kernels in csrc/ema_cpu.cpp and
+  csrc/ema_cuda.cu, fake kernel here.
 - ``ema_update_``: the public entry point; ``EMA``: the helper the trainers hold.
 
 Layout: each copy must be dense (contiguous or a permutation of it, e.g. channels_last), all K
@@ -26,11 +30,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from cmkernels.ops._registry import define_op
+from cmkernels.ops.common import dtype_str, is_dense, shape_str
+from cmkernels.ops.registry import define_op
 
 SCHEMA = "(Tensor[] params, Tensor(a!)[] emas, float[] rates) -> ()"
 
-MAX_RATES = 8  # kMaxEmaRates in csrc/heun_ema.h
+MAX_RATES = 8  # kMaxEmaRates in csrc/ema.h
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -49,11 +54,14 @@ def ema_update_ref_(
 
 
 # ------------------------------------------------------------------------------------------------
-# Checks: the rules of ema_check in C++ (csrc/heun_ema_cpu.cpp), but for the memory layout, which
-# only the C++ kernels need.
+# Checks: the rules of ema_check in C++ (csrc/ema_cpu.cpp), in the same order, with the same error
+# types and texts.
 
 
 def check_inputs(params: Sequence[Tensor], emas: Sequence[Tensor], rates: Sequence[float]) -> None:
+    """params: P tensors (float32 / bfloat16 / float16) on one device; emas: K * P float32 tensors,
+    rate-major (emas[k * P + i] is copy k of params[i]), each dense with its parameter's shape, all
+    K copies of a parameter with the same strides; rates: 1..MAX_RATES values in [0, 1]."""
     P, K = len(params), len(rates)
     if K < 1:
         raise ValueError("ema_update_: rates must not be empty")
@@ -66,25 +74,27 @@ def check_inputs(params: Sequence[Tensor], emas: Sequence[Tensor], rates: Sequen
         )
     for k, r in enumerate(rates):
         if not 0.0 <= r <= 1.0:
-            raise ValueError(f"ema_update_: rates must lie in [0, 1], got rates[{k}] = {r}")
+            raise ValueError(f"ema_update_: rates must lie in [0, 1], got rates[{k}] = {r:g}")
     if P == 0:
         return
     device = params[0].device
     for i, p in enumerate(params):
         if p.dtype not in _PARAM_DTYPES:
             raise TypeError(
-                f"ema_update_: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}"
+                f"ema_update_: params[{i}] must be float32, bfloat16 or float16, "
+                f"got {dtype_str(p.dtype)}"
             )
         if p.device != device:
             raise ValueError(
                 f"ema_update_: params[{i}] is on {p.device} but params[0] is on {device}"
             )
+        first = emas[i]
         for k in range(K):
             e = emas[k * P + i]
             if e.dtype != torch.float32:
                 raise TypeError(
                     f"ema_update_: EMA copies must be float32, but copy {k} of params[{i}] is "
-                    f"{e.dtype}"
+                    f"{dtype_str(e.dtype)}"
                 )
             if e.device != device:
                 raise ValueError(
@@ -93,8 +103,18 @@ def check_inputs(params: Sequence[Tensor], emas: Sequence[Tensor], rates: Sequen
                 )
             if e.shape != p.shape:
                 raise ValueError(
-                    f"ema_update_: copy {k} of params[{i}] has shape {tuple(e.shape)} but the "
-                    f"parameter has shape {tuple(p.shape)}"
+                    f"ema_update_: copy {k} of params[{i}] has shape {shape_str(e)} but the "
+                    f"parameter has shape {shape_str(p)}"
+                )
+            if not is_dense(e):
+                raise ValueError(
+                    f"ema_update_: copy {k} of params[{i}] must be a dense tensor (contiguous or "
+                    f"a permutation of it), got strides {list(e.stride())}"
+                )
+            if e.stride() != first.stride():
+                raise ValueError(
+                    f"ema_update_: the copies of params[{i}] must share one memory layout, got "
+                    f"strides {list(first.stride())} and {list(e.stride())}"
                 )
 
 
@@ -102,13 +122,14 @@ def check_inputs(params: Sequence[Tensor], emas: Sequence[Tensor], rates: Sequen
 # Registration.
 
 
-def _fallback(params, emas, rates):
+def ema_update_fallback_(params, emas, rates):
+    """The op in PyTorch (the reference on the flat, rate-major list of copies)."""
     check_inputs(params, emas, rates)
     P = len(params)
     ema_update_ref_(params, [emas[k * P : (k + 1) * P] for k in range(len(rates))], rates)
 
 
-_op = define_op("ema_update_", SCHEMA, _fallback, ("cpu", "cuda"))
+_op = define_op("ema_update_", SCHEMA, ema_update_fallback_, ("cpu", "cuda"))
 
 
 @torch.library.register_fake("cmkernels::ema_update_")

@@ -12,8 +12,13 @@ fp32 (fp64 for fp64) and the outputs take x's dtype.
 
 Pieces:
 - ``heun_step1_ref`` / ``heun_step2_ref``: pure-PyTorch references.
+- ``check_inputs``: the argument rules, shared by the fake kernels and the fallbacks; the C++
+  kernels (``heun_check`` in csrc/heun_step_cpu.cpp) enforce the same ones with the same error
+  types and texts.
+- ``heun_step1_fallback`` / ``heun_step2_fallback``: the kernels in PyTorch, used when the
+  compiled extension is missing.
 - ``torch.ops.cmkernels.heun_step1`` / ``heun_step2``: schemas in csrc/ops.cpp, CPU kernels in
-  csrc/heun_ema_cpu.cpp, CUDA kernels in csrc/heun_ema_cuda.cu; fake kernels and autograd here.
+  csrc/heun_step_cpu.cpp, CUDA kernels in csrc/heun_step_cuda.cu; fake kernels and autograd here.
 - ``heun_step1`` / ``heun_step2``: the public entry points.
 
 Layout: the outputs take x's layout when it is contiguous, channels_last or channels_last_3d
@@ -32,7 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cmkernels.ops._registry import define_op
+from cmkernels.ops.common import acc_dtype, dtype_str, kept_layout, shape_str
+from cmkernels.ops.registry import define_op
 
 SCHEMA1 = "(Tensor x, Tensor denoised, Tensor t, Tensor t_next) -> (Tensor, Tensor)"
 SCHEMA2 = "(Tensor x, Tensor d, Tensor x1, Tensor denoised1, Tensor t, Tensor t_next) -> Tensor"
@@ -46,10 +52,6 @@ _T_DTYPES = (torch.float32, torch.float64)
 # References.
 
 
-def _opmath(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _per_sample(t: Tensor, x: Tensor, dt: torch.dtype) -> Tensor:
     """t [B] as a [B, 1, ...] tensor that broadcasts against x."""
     return t.to(dt).reshape((-1,) + (1,) * (x.dim() - 1))
@@ -57,7 +59,7 @@ def _per_sample(t: Tensor, x: Tensor, dt: torch.dtype) -> Tensor:
 
 def heun_step1_ref(x: Tensor, denoised: Tensor, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
     """Euler predictor: (x1, d) with d = (x - denoised) / t, x1 = x + (t_next - t) d; fp32 math."""
-    dt = _opmath(x)
+    dt = acc_dtype(x)
     tt, tn = _per_sample(t, x, dt), _per_sample(t_next, x, dt)
     d = (x.to(dt) - denoised.to(dt)) / tt  # Euler step.
     x1 = x.to(dt) + (tn - tt) * d
@@ -68,100 +70,105 @@ def heun_step2_ref(
     x: Tensor, d: Tensor, x1: Tensor, denoised1: Tensor, t: Tensor, t_next: Tensor
 ) -> Tensor:
     """Heun corrector: x + (t_next - t) (d + (x1 - denoised1) / t_next) / 2; fp32 math."""
-    dt = _opmath(x)
+    dt = acc_dtype(x)
     tt, tn = _per_sample(t, x, dt), _per_sample(t_next, x, dt)
     d_prime = (x1.to(dt) - denoised1.to(dt)) / tn  # Apply 2nd order correction.
     return (x.to(dt) + (tn - tt) * (0.5 * d.to(dt) + 0.5 * d_prime)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
-# Checks and layout: the rules of the C++ kernels (csrc/heun_ema_cpu.cpp), for the fake kernels
-# and the no-extension fallback.
+# Checks: the rules of heun_check in C++ (csrc/heun_step_cpu.cpp), in the same order, with the same
+# error types and texts. The layout rule is kept_layout (x's own when it is contiguous,
+# channels_last or channels_last_3d; else contiguous), as in C++.
 
 
 def check_inputs(op: str, x: Tensor, states: dict, denoised: Tensor, t: Tensor, t_next: Tensor):
+    """x [B, ...]; states (stage 2's d, x1): x's shape, dtype, device; denoised: x's shape and
+    device, float32 / float16 / bfloat16 (float64 with float64 x); t, t_next: [B], one dtype,
+    float32 or float64, on x's device."""
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have shape [B, ...], got a 0-d tensor")
     if x.dtype not in _STATE_DTYPES:
-        raise TypeError(f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+        raise TypeError(
+            f"{op}: x must be float32, float16, bfloat16 or float64, got {dtype_str(x.dtype)}"
+        )
     for name, s in states.items():
         if s.shape != x.shape:
-            raise ValueError(f"{op}: {name} has shape {tuple(s.shape)} but x has {tuple(x.shape)}")
+            raise ValueError(
+                f"{op}: {name} has shape {shape_str(s)} but x has shape {shape_str(x)}"
+            )
         if s.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} has dtype {s.dtype} but x has dtype {x.dtype}")
+            raise TypeError(
+                f"{op}: {name} has dtype {dtype_str(s.dtype)} but x has dtype "
+                f"{dtype_str(x.dtype)} (they must match)"
+            )
         if s.device != x.device:
             raise ValueError(f"{op}: {name} is on {s.device} but x is on {x.device}")
     if denoised.shape != x.shape:
         raise ValueError(
-            f"{op}: denoised has shape {tuple(denoised.shape)} but x has {tuple(x.shape)}"
+            f"{op}: denoised has shape {shape_str(denoised)} but x has shape {shape_str(x)}"
         )
     if denoised.device != x.device:
         raise ValueError(f"{op}: denoised is on {denoised.device} but x is on {x.device}")
     if x.dtype == torch.float64 and denoised.dtype != torch.float64:
-        raise TypeError(f"{op}: denoised must be float64 when x is float64, got {denoised.dtype}")
+        raise TypeError(
+            f"{op}: denoised must be float64 when x is float64, got {dtype_str(denoised.dtype)}"
+        )
     if x.dtype != torch.float64 and denoised.dtype not in _DENOISED_DTYPES:
         raise TypeError(
-            f"{op}: denoised must be float32, float16 or bfloat16, got {denoised.dtype}"
+            f"{op}: denoised must be float32, float16 or bfloat16, got {dtype_str(denoised.dtype)}"
         )
     B = x.shape[0]
     for name, s in (("t", t), ("t_next", t_next)):
         if s.dim() != 1 or s.shape[0] != B:
             raise ValueError(
                 f"{op}: {name} must have shape [B] = [{B}] (one value per sample), "
-                f"got {tuple(s.shape)}"
+                f"got {shape_str(s)}"
             )
         if s.dtype not in _T_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32 or float64, got {s.dtype}")
+            raise TypeError(f"{op}: {name} must be float32 or float64, got {dtype_str(s.dtype)}")
         if s.device != x.device:
             raise ValueError(f"{op}: {name} is on {s.device} but x is on {x.device}")
     if t.dtype != t_next.dtype:
         raise TypeError(
-            f"{op}: t and t_next must have the same dtype, got {t.dtype} and {t_next.dtype}"
+            f"{op}: t and t_next must have the same dtype, got {dtype_str(t.dtype)} and "
+            f"{dtype_str(t_next.dtype)}"
         )
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    """The memory format of the outputs: the rule of heun_layout in C++."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 # ------------------------------------------------------------------------------------------------
 # Registration: fallbacks (used when the compiled extension is missing), fake kernels, autograd.
 
 
-def _step1_fallback(x, denoised, t, t_next):
+def heun_step1_fallback(x, denoised, t, t_next):
+    """Stage 1 in PyTorch (the reference, in the kernels' layout)."""
     check_inputs("heun_step1", x, {}, denoised, t, t_next)
-    fmt = _layout(x)
+    fmt = kept_layout(x)
     return tuple(o.contiguous(memory_format=fmt) for o in heun_step1_ref(x, denoised, t, t_next))
 
 
-def _step2_fallback(x, d, x1, denoised1, t, t_next):
+def heun_step2_fallback(x, d, x1, denoised1, t, t_next):
+    """Stage 2 in PyTorch (the reference, in the kernels' layout)."""
     check_inputs("heun_step2", x, {"d": d, "x1": x1}, denoised1, t, t_next)
     out = heun_step2_ref(x, d, x1, denoised1, t, t_next)
-    return out.contiguous(memory_format=_layout(x))
+    return out.contiguous(memory_format=kept_layout(x))
 
 
-_step1_op = define_op("heun_step1", SCHEMA1, _step1_fallback, ("cpu", "cuda"))
-_step2_op = define_op("heun_step2", SCHEMA2, _step2_fallback, ("cpu", "cuda"))
+_step1_op = define_op("heun_step1", SCHEMA1, heun_step1_fallback, ("cpu", "cuda"))
+_step2_op = define_op("heun_step2", SCHEMA2, heun_step2_fallback, ("cpu", "cuda"))
 
 
 @torch.library.register_fake("cmkernels::heun_step1")
 def _step1_fake(x, denoised, t, t_next):
     check_inputs("heun_step1", x, {}, denoised, t, t_next)
-    fmt = _layout(x)
+    fmt = kept_layout(x)
     return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt)
 
 
 @torch.library.register_fake("cmkernels::heun_step2")
 def _step2_fake(x, d, x1, denoised1, t, t_next):
     check_inputs("heun_step2", x, {"d": d, "x1": x1}, denoised1, t, t_next)
-    return torch.empty_like(x, memory_format=_layout(x))
+    return torch.empty_like(x, memory_format=kept_layout(x))
 
 
 def _sum_per_sample(v: Tensor) -> Tensor:
@@ -174,7 +181,7 @@ def _setup_context(ctx, inputs, output):
 
 def _step1_backward(ctx, g_x1, g_d):
     x, denoised, t, t_next = ctx.saved_tensors
-    dt = _opmath(x)
+    dt = acc_dtype(x)
     tt, tn = _per_sample(t, x, dt), _per_sample(t_next, x, dt)
     g1 = g_x1.to(dt) if g_x1 is not None else torch.zeros((), dtype=dt, device=x.device)
     gd = g_d.to(dt) if g_d is not None else torch.zeros((), dtype=dt, device=x.device)
@@ -191,7 +198,7 @@ def _step1_backward(ctx, g_x1, g_d):
 
 def _step2_backward(ctx, g):
     x, d, x1, denoised1, t, t_next = ctx.saved_tensors
-    dt = _opmath(x)
+    dt = acc_dtype(x)
     tt, tn = _per_sample(t, x, dt), _per_sample(t_next, x, dt)
     g = g.to(dt)
     a = 0.5 * (tn - tt)

@@ -1,9 +1,9 @@
-"""Operator declaration shared by every fused op.
+"""Operator declaration shared by every fused op: ``define_op`` and ``schema_of``.
 
 The schemas are declared once, in C++ (``csrc/ops.cpp``, ``TORCH_LIBRARY(cmkernels, m)``). Each op
-module also states its schema here so that, when the compiled extension is missing, the op can be
-declared from Python with the *same* schema and served by its pure-PyTorch reference; a test checks
-that both texts agree, so they cannot drift.
+module also states its schema in Python so that, when the compiled extension is missing, the op
+can be declared from Python with the *same* schema and served by its pure-PyTorch reference; a
+test checks that both texts agree, so they cannot drift.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""What every Triton launcher of the package shares: whether triton is importable, whether its
-kernels are interpreted (``TRITON_INTERPRET=1`` set before triton was imported: CPU tensors then),
-the device check and the device guard of a launch, and one interpreter fix for triton 3.6.
+"""What every Triton launcher of the package shares: whether triton is importable (``HAS_TRITON``),
+whether its kernels are interpreted (``INTERPRET``: ``TRITON_INTERPRET=1`` set before triton was
+imported, CPU tensors then), ``next_pow2`` for block sizes, the device and dtype check of a launch
+(``check_launch``), the device guard (``device_guard``), and one interpreter fix for triton 3.6.
 
 The interpreter fix: triton < 3.7 stores a scalar kernel argument as a one-element NumPy array
 and converts it to a Python int with ``int(array)``, which NumPy >= 2.3 refuses for arrays of
@@ -67,6 +68,11 @@ def _patch_interpreter_index() -> None:
 
 if INTERPRET and _version() < (3, 7):
     _patch_interpreter_index()
+
+
+def next_pow2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1)."""
+    return 1 << max(0, (v - 1).bit_length())
 
 
 def check_launch(op: str, x: Tensor, dtypes: tuple[torch.dtype, ...], *others: Tensor) -> None:
