@@ -2,6 +2,10 @@
 exactly the specialisations the JIT builds on such a GPU, and check registers, spills and shared
 memory against the hardware limits.
 
+One file of some 1,200 lines on purpose: a standalone script run from the checkout (CI, the GPU
+proof), not part of the installed package, whose five sections (the package's kernels, recording,
+workloads, compiling, rows and tables, command line) serve only each other; they are marked below.
+
 How it works:
 1. Record. The package's own launchers (attention_triton, attention_backward_triton,
    attention_bhtd_triton, attention_bhtd_backward_triton, groupnorm_silu_triton,
