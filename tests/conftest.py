@@ -87,3 +87,24 @@ def run_without_extension(code: str) -> None:
 def _seed():
     # Fresh random inputs per test, reproducible per test.
     torch.manual_seed(1234)
+
+
+def forward_ad_jvp(fn, primals, tangents, mode="func"):
+    """(output, tangent) of fn(*primals) along tangents (None: that argument carries none), by
+    torch.func.jvp (mode "func") or by torch.autograd.forward_ad dual tensors (mode "dual")."""
+    active = [i for i, t in enumerate(tangents) if t is not None]
+
+    def f(*xs):
+        args = list(primals)
+        for i, x in zip(active, xs, strict=True):
+            args[i] = x
+        return fn(*args)
+
+    if mode == "func":
+        xs, ts = (tuple(seq[i] for i in active) for seq in (primals, tangents))
+        return torch.func.jvp(f, xs, ts)
+    fwad = torch.autograd.forward_ad
+    with fwad.dual_level():
+        out = fwad.unpack_dual(f(*(fwad.make_dual(primals[i], tangents[i]) for i in active)))
+        assert out.tangent is not None, "the output carries no tangent"
+        return out.primal, out.tangent

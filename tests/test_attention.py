@@ -25,6 +25,7 @@ from conftest import (  # noqa: E402
     TRITON_DEVICE,
     TRITON_MARKS,
     assert_same_error,
+    forward_ad_jvp,
     needs_triton,
     raised,
     requires_cuda,
@@ -507,3 +508,118 @@ def test_gpu_cuda_graph():
     graph.replay()
     torch.testing.assert_close(captured, attention(qkv, 4))
     assert not torch.equal(captured, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-mode AD (torch.func.jvp and forward_ad dual tensors): the tangent against the float64
+# jvp of the references, random tangents on every input.
+
+JVP_MODES = ["func", "dual"]
+JVP_RTOL = 1e-4  # fp32: relative to the tangent's largest entry
+
+
+def _up(ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+def check_tangent(name, got, fn_ref, primals, tangents):
+    """got against the float64 jvp of fn_ref; half dtypes by the rule against the reference's own
+    jvp in that dtype (fp32 math from the same rounded inputs, rounded once)."""
+    _, t64 = forward_ad_jvp(fn_ref, _up(primals), _up(tangents))
+    dtype = primals[0].dtype
+    assert got.dtype == dtype and got.shape == t64.shape, name
+    if dtype == torch.float32:
+        err = (got.double() - t64).abs().max().item() / t64.abs().max().item()
+        assert err <= JVP_RTOL, f"{name}: relative error {err:.3g}"
+    else:
+        _, tlow = forward_ad_jvp(fn_ref, list(primals), list(tangents))
+        check_rule(name, got, tlow, t64, dtype)
+
+
+@pytest.mark.parametrize("mode", JVP_MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "B, H, d, T, strided",
+    [(2, 2, 16, 33, False), (1, 3, 8, 7, True), (2, 1, 40, 1, False), (1, 2, 32, 64, True)],
+)
+def test_jvp_packed(B, H, d, T, strided, dtype, mode):
+    torch.manual_seed(T * 7 + d)
+    if strided:  # [B, T, C] storage seen as [B, C, T]
+        qkv = torch.randn(B, T, 3 * H * d).to(dtype).transpose(1, 2)
+        tqkv = torch.randn(B, T, 3 * H * d).to(dtype).transpose(1, 2)
+    else:
+        qkv, tqkv = (torch.randn(B, 3 * H * d, T).to(dtype) for _ in range(2))
+    out, t = forward_ad_jvp(lambda x: attention(x, H), [qkv], [tqkv], mode)
+    torch.testing.assert_close(out, attention(qkv, H))
+    check_tangent("tangent", t, lambda x: attention_ref(x, H), [qkv], [tqkv])
+
+
+@pytest.mark.parametrize("mode", JVP_MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("which", [(0, 1, 2), (0,), (1,), (2,)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "bthd"])
+def test_jvp_bhtd(layout, which, dtype, mode):
+    torch.manual_seed(9)
+    B, H, T, d = 2, 2, 33, 24
+    if layout == "contiguous":
+        make = lambda: torch.randn(B, H, T, d).to(dtype)
+    else:  # [B, T, H, d] storage
+        make = lambda: torch.randn(B, T, H, d).to(dtype).transpose(1, 2)
+    primals = [make() for _ in range(3)]
+    tangents = [make() if i in which else None for i in range(3)]
+    out, t = forward_ad_jvp(attention_bhtd, primals, tangents, mode)
+    torch.testing.assert_close(out, attention_bhtd(*primals))
+    check_tangent("tangent", t, attention_bhtd_ref, primals, tangents)
+
+
+def test_jvp_float64():
+    qkv, tqkv = (torch.randn(2, 3 * 2 * 8, 7, dtype=torch.float64) for _ in range(2))
+    _, t = forward_ad_jvp(lambda x: attention(x, 2), [qkv], [tqkv])
+    _, want = forward_ad_jvp(lambda x: attention_ref(x, 2), [qkv], [tqkv])
+    assert t.dtype == torch.float64
+    torch.testing.assert_close(t, want, rtol=1e-12, atol=1e-12)
+
+
+def test_jvp_was_refused_by_sdpa_and_now_is_right():
+    # Formerly the CPU path raised SDPA's NotImplementedError (and the GPU op dropped the tangent).
+    qkv, tqkv = torch.randn(2, 3 * 4 * 16, 25), torch.randn(2, 3 * 4 * 16, 25)
+    _, t = torch.func.jvp(lambda x: attention(x, 4), (qkv,), (tqkv,))
+    _, want = torch.func.jvp(lambda x: attention_ref(x, 4), (qkv.double(),), (tqkv.double(),))
+    assert t.abs().max() > 0
+    assert (t.double() - want).abs().max() <= JVP_RTOL * want.abs().max()
+
+
+def test_jvp_composes_with_reverse_mode_and_compile():
+    torch.manual_seed(10)
+    H = 2
+    qkv, tqkv = torch.randn(2, 3 * H * 16, 9), torch.randn(2, 3 * H * 16, 9)
+    # A dual tensor that also requires grad: the gradient comes from the op's backward.
+    x = qkv.clone().requires_grad_()
+    with torch.autograd.forward_ad.dual_level():
+        out = attention(torch.autograd.forward_ad.make_dual(x, tqkv), H)
+        (g,) = torch.autograd.grad(out.square().sum(), x)
+    x64 = qkv.double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_ref(x64, H).square().sum(), x64)
+    torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-5)
+
+    def under_compile(x, tx):  # jvp inside torch.compile: a graph break, the tangent right
+        return torch.func.jvp(lambda x: attention(x, H), (x,), (tx,))[1]
+
+    _, ref = forward_ad_jvp(lambda x: attention_ref(x, H), [qkv], [tqkv])
+    got = torch.compile(under_compile, backend="aot_eager")(qkv, tqkv)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_jvp_on_the_triton_device(dtype):
+    # The forward-AD route on TRITON_DEVICE tensors (on a GPU: the Triton op's forward and a
+    # PyTorch tangent), and the tangent formula against the Triton forward's output.
+    torch.manual_seed(11)
+    H, d, T = 2, 16, 33
+    qkv, tqkv = (torch.randn(1, 3 * H * d, T).to(dtype) for _ in range(2))
+    dev = [qkv.to(TRITON_DEVICE)], [tqkv.to(TRITON_DEVICE)]
+    out, t = forward_ad_jvp(lambda x: attention(x, H), *dev)
+    check_tangent("tangent", t.cpu(), lambda x: attention_ref(x, H), [qkv], [tqkv])
+    tri, _ = A.attention_triton(dev[0][0], H)
+    check_rule("out", out.cpu(), tri.cpu(), attention_ref(qkv.double(), H), dtype)

@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tolerance import assert_close_rule, rel_err
-from conftest import TRITON_DEVICE, TRITON_MARKS, assert_same_error, raised, requires_cuda
+from conftest import (
+    TRITON_DEVICE,
+    TRITON_MARKS,
+    assert_same_error,
+    forward_ad_jvp,
+    raised,
+    requires_cuda,
+)
 
 import cmkernels
 from cmkernels.ops import groupnorm_silu, groupnorm_silu_ref
@@ -416,3 +423,159 @@ def test_cuda_graph_capture_and_compile():
     compiled = torch.compile(lambda *a: groupnorm_silu(*a), fullgraph=True)
     torch.testing.assert_close(compiled(x, w, b, s, sh), groupnorm_silu(x, w, b, s, sh))
     assert y_eager.shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-mode AD (torch.func.jvp and forward_ad dual tensors): the tangent against the float64
+# jvp of the reference, for tangents on every argument.
+
+JVP_MODES = ["func", "dual"]
+# (shape, groups): C = 12 and 20 (not multiples of 8), odd spatial sizes, a 3-d input, a group
+# too large for one program of the Triton forward.
+JVP_CASES = [((2, 12, 5, 7), 4), ((3, 20, 3, 5), 5), ((2, 32, 13), 8), ((1, 8, 70, 70), 2)]
+
+
+def _tangents(primals, which="all"):
+    """Random tangents like the primals (same dtype and layout), None where there is no primal or
+    which excludes it ("all", or a set of argument positions)."""
+    return [
+        torch.randn_like(p) if p is not None and (which == "all" or i in which) else None
+        for i, p in enumerate(primals)
+    ]
+
+
+def _jvp_reference(primals, tangents, groups, activation):
+    """(tangent in float64, tangent of the reference in the inputs' dtypes): the reference's jvp
+    on float64 copies, and on the inputs themselves (the baseline error of the rule)."""
+    f = lambda *a: groupnorm_silu_ref(*a, groups=groups, activation=activation)
+    up = lambda ts: [t.double() if t is not None else None for t in ts]
+    _, t64 = forward_ad_jvp(f, up(primals), up(tangents))
+    _, tlow = forward_ad_jvp(f, list(primals), list(tangents))
+    return t64, tlow
+
+
+def _check_tangent(got, primals, tangents, groups, activation):
+    x = primals[0]
+    t64, tlow = _jvp_reference(primals, tangents, groups, activation)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    if x.dtype in (torch.float32, torch.float64):
+        assert rel_err(got, t64) <= 1e-5, f"tangent: relative error {rel_err(got, t64):.3g}"
+    else:  # fp32 math from the same rounded inputs: only the final rounding differs
+        assert_close_rule(got, t64, tlow, JVP_ATOL[x.dtype], name="tangent")
+    return rel_err(got, t64)
+
+
+# The tangents reach ~10 in magnitude; atol one bf16 / fp16 ulp near 1 at most.
+JVP_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.parametrize("mode", JVP_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("modulate, activation", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("case", JVP_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
+def test_jvp_matches_float64(case, modulate, activation, layout, dtype, mode):
+    shape, groups = case
+    primals = list(_inputs(shape, groups, dtype, layout, modulate))
+    tangents = _tangents(primals)
+    fn = lambda *a: groupnorm_silu(*a, groups=groups, activation=activation)
+    y, t = forward_ad_jvp(fn, primals, tangents, mode)
+    torch.testing.assert_close(y, groupnorm_silu(*primals, groups=groups, activation=activation))
+    if layout == "channels_last":
+        assert t.is_contiguous(memory_format=torch.channels_last)
+    _check_tangent(t, primals, tangents, groups, activation)
+
+
+@pytest.mark.parametrize("mode", JVP_MODES)
+@pytest.mark.parametrize("which", [{0}, {1, 2}, {3}, {4}, {0, 3, 4}], ids=str)
+def test_jvp_of_some_arguments(which, mode):
+    # Tangents on a subset of the arguments (the others carry none): e.g. only scale / shift, as
+    # when the time embedding alone depends on t; half parameters and modulation.
+    primals = list(_inputs((2, 12, 5, 7), 4, torch.bfloat16, "contiguous", True, torch.bfloat16))
+    tangents = _tangents(primals, which)
+    y, t = forward_ad_jvp(lambda *a: groupnorm_silu(*a, groups=4), primals, tangents, mode)
+    _check_tangent(t, primals, tangents, 4, True)
+
+
+def test_jvp_float64_and_broadcastable_modulation():
+    primals = [t.double() for t in _inputs((2, 12, 5, 7), 4, torch.float32, "contiguous", True)]
+    primals[3], primals[4] = primals[3][:, :, None, None], primals[4][:, :, None, None]
+    tangents = _tangents(primals)
+    _, t = forward_ad_jvp(lambda *a: groupnorm_silu(*a, groups=4), primals, tangents)
+    assert t.dtype == torch.float64
+    t64, _ = _jvp_reference(primals, tangents, 4, True)
+    assert rel_err(t, t64) <= 1e-12
+
+
+def test_jvp_of_the_formerly_silent_case():
+    # Before forward-mode AD was routed, this returned an all-zero tangent without a word.
+    x = torch.randn(2, 64, 5, 5)
+    w, b, s, sh = torch.randn(64), torch.randn(64), torch.randn(2, 64), torch.randn(2, 64)
+    tx = torch.randn_like(x)
+    _, t = torch.func.jvp(lambda x: groupnorm_silu(x, w, b, s, sh, groups=32), (x,), (tx,))
+    f64 = lambda x: groupnorm_silu_ref(x, w.double(), b.double(), s.double(), sh.double())
+    _, want = torch.func.jvp(f64, (x.double(),), (tx.double(),))
+    assert t.abs().max() > 0 and rel_err(t, want) <= 1e-5
+    with torch.autograd.forward_ad.dual_level():
+        y = groupnorm_silu(torch.autograd.forward_ad.make_dual(x, tx), w, b, s, sh, groups=32)
+        dual = torch.autograd.forward_ad.unpack_dual(y).tangent
+    assert dual is not None and rel_err(dual, want) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPL_PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_jvp_from_every_implementations_statistics(impl, dtype):
+    # The tangent reuses the forward's mean / rstd: from the C++ kernel, the fallback and the
+    # Triton launcher (on the GPU, or CPU tensors under the interpreter) alike.
+    from cmkernels.ops.groupnorm_silu import groupnorm_silu_jvp
+
+    fwd, _ = IMPLS[impl]
+    shape, groups = (2, 20, 9, 5), 5
+    primals = list(_inputs(shape, groups, dtype, "channels_last", True, device=_device(impl)))
+    tangents = _tangents(primals)
+    _, mean, rstd = fwd(*primals, groups, 1e-5, True)
+    t = groupnorm_silu_jvp(*primals, mean, rstd, groups, True, *tangents)
+    cpu = lambda ts: [x.cpu() if x is not None else None for x in ts]
+    _check_tangent(t.cpu(), cpu(primals), cpu(tangents), groups, True)
+
+
+def test_jvp_composes_with_reverse_mode_and_vmap():
+    primals = list(_inputs((2, 12, 5, 7), 4, torch.float32, "contiguous", True))
+    tangents = _tangents(primals)
+    fn = lambda *a: groupnorm_silu(*a, groups=4)
+    # A dual tensor that also requires grad: the gradient is the fused backward's.
+    x = primals[0].clone().requires_grad_(True)
+    with torch.autograd.forward_ad.dual_level():
+        y = fn(torch.autograd.forward_ad.make_dual(x, tangents[0]), *primals[1:])
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+    x64 = primals[0].double().requires_grad_(True)
+    y64 = groupnorm_silu_ref(x64, *(p.double() for p in primals[1:]), groups=4)
+    (want,) = torch.autograd.grad(y64.square().sum(), x64)
+    assert rel_err(gx, want) <= 1e-4
+    # vmap over jvp (the Function's generated vmap rule).
+    xs, txs = torch.randn(3, *primals[0].shape), torch.randn(3, *primals[0].shape)
+    per = lambda f: (
+        lambda x, tx: torch.func.jvp(lambda x: f(x, *primals[1:], groups=4), (x,), (tx,))[1]
+    )
+    got = torch.func.vmap(per(groupnorm_silu))(xs, txs)
+    ref = torch.func.vmap(per(groupnorm_silu_ref))(xs, txs)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_jvp_under_torch_compile_is_right_or_refused():
+    x, *rest = _inputs((2, 12, 5, 7), 4, torch.float32, "contiguous", True)
+    tx = torch.randn_like(x)
+    fn = lambda x: groupnorm_silu(x, *rest, groups=4)
+
+    def broken(x, tx):  # two functions: dynamo caches compiled code per code object
+        return torch.func.jvp(fn, (x,), (tx,))[1]
+
+    def full(x, tx):
+        return torch.func.jvp(fn, (x,), (tx,))[1]
+
+    ref = broken(x, tx)
+    # A graph break: the tangent is computed eagerly, right.
+    torch.testing.assert_close(torch.compile(broken, backend="aot_eager")(x, tx), ref)
+    # fullgraph=True cannot break the graph: an error naming the reason, not a zero tangent.
+    with pytest.raises(Exception, match="forward-mode AD through the fused ops runs eagerly"):
+        torch.compile(full, backend="aot_eager", fullgraph=True)(x, tx)

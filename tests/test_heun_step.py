@@ -402,3 +402,52 @@ def test_cuda_gradients_opcheck_and_graph_capture():
     torch.testing.assert_close(out_g, heun_step2(x, d, x1, D1, t, tn))
     compiled = torch.compile(lambda *a: heun_step1(*a), fullgraph=True)
     torch.testing.assert_close(compiled(x, D, t, tn), heun_step1(x, D, t, tn))
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-mode AD: the tangents of both stages (the registered ops alone would drop them).
+
+
+@pytest.mark.parametrize("mode", ["func", "dual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_heun_steps_carry_tangents(mode, dtype, channels_last):
+    g = torch.Generator().manual_seed(11)
+    shape = (3, 5, 7, 9)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def rand(*s, dt=dtype):
+        return torch.randn(*s, generator=g).to(dt)
+
+    x, D, D1 = (rand(*shape).contiguous(memory_format=fmt) for _ in range(3))
+    t = torch.rand(3, generator=g) * 5 + 0.5
+    tn = t * 0.6
+    tangents = [rand(*shape).contiguous(memory_format=fmt) for _ in range(3)]
+    tt, ttn = torch.randn(3, generator=g), torch.randn(3, generator=g)
+
+    def stages(step1, step2, x, D, D1, t, tn):
+        x1, d = step1(x, D, t, tn)
+        return x1, d, step2(x, d, x1, D1, t, tn)
+
+    primals = (x, D, D1, t, tn)
+    tans = (*tangents, tt, ttn)
+    if mode == "func":
+        out, tan = torch.func.jvp(lambda *a: stages(heun_step1, heun_step2, *a), primals, tans)
+    else:
+        fwad = torch.autograd.forward_ad
+        with fwad.dual_level():
+            duals = [fwad.make_dual(p, q) for p, q in zip(primals, tans, strict=True)]
+            res = [fwad.unpack_dual(o) for o in stages(heun_step1, heun_step2, *duals)]
+            assert all(r.tangent is not None for r in res)
+            out, tan = [r.primal for r in res], [r.tangent for r in res]
+    wide = [a.double() for a in primals]
+    _, want = torch.func.jvp(lambda *a: stages(heun_step1_ref, heun_step2_ref, *a), tuple(wide),
+                             tuple(q.double() for q in tans))  # fmt: skip
+    plain = stages(heun_step1, heun_step2, *primals)  # the fused ops, no tangents
+    for a, b in zip(out, plain, strict=True):
+        assert rel_err(a, b) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    for got, ref in zip(tan, want, strict=True):
+        assert got.dtype == dtype
+        # fp32: rounding only; bf16: the outputs' own bf16 rounding (8 bits of mantissa).
+        bound = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(got, ref) <= bound, rel_err(got, ref)

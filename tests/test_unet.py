@@ -247,3 +247,24 @@ def test_checkpoint_errors(tmp_path):
     msg = str(err.value)
     assert "missing keys" in msg or "shape mismatches" in msg
     assert "gray28 or gray32" in msg and "--preset gray28" in msg
+
+
+@pytest.mark.parametrize("mode", ["func", "dual"])
+def test_jvp_through_the_network_kernels_equal_reference(mode):
+    """The continuous-time CM's tangent: a JVP through the whole network in x and c_noise (tangents
+    v and 1) is the same with the fused ops (their forward-AD route) as with the reference ops."""
+    from conftest import forward_ad_jvp
+
+    net = UNet(get_preset("gray32", dropout=0.0))
+    for p in net.parameters():  # the zero-initialised output convs would hide differences
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 1, 32, 32), torch.randn(2)
+    v, dt = torch.randn_like(x), torch.ones_like(t)
+    results = {}
+    for kind in ("kernels", "reference"):
+        net.set_ops(kind)
+        with torch.no_grad():
+            results[kind] = forward_ad_jvp(net, [x, t], [v, dt], mode)
+    (out, tan), (ref_out, ref_tan) = results["kernels"], results["reference"]
+    assert rel_l2(out, ref_out) < 1e-5
+    assert tan.abs().max() > 0 and rel_l2(tan, ref_tan) < 1e-5, rel_l2(tan, ref_tan)

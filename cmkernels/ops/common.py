@@ -60,3 +60,26 @@ def shape_str(t: Tensor | tuple) -> str:
 def dtype_str(dtype: torch.dtype) -> str:
     """A dtype as the C++ kernels print it: ``float32``."""
     return str(dtype).removeprefix("torch.")
+
+
+# Why the forward-AD routes of the public entry points are excluded from torch.compile graphs:
+# dynamo inlines an autograd.Function's forward and drops its jvp when no input requires grad
+# (a silent zero tangent), so they run eagerly (a graph break; under fullgraph=True, an error
+# carrying this text).
+FORWARD_AD_EAGER_ONLY = (
+    "cmkernels: forward-mode AD through the fused ops runs eagerly (torch.compile cannot trace "
+    "an autograd.Function's jvp); call torch.func.jvp outside fullgraph=True compilation"
+)
+
+
+def has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether forward-mode AD is carrying a tangent on any of tensors: a dual tensor
+    (torch.autograd.forward_ad) or an input of torch.func.jvp; both show through the public
+    ``forward_ad.unpack_dual``. The registered ops have no forward-AD formula (torch.library has no
+    such registration) and would drop the tangent silently, so the public entry points route such
+    calls through an autograd.Function with a jvp. torch.compile traces this test too (without
+    tangents it adds nothing to the graph)."""
+    return any(
+        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cmkernels.ops.common import acc_dtype, dtype_str, kept_layout, shape_str
+from cmkernels.ops.common import acc_dtype, dtype_str, has_tangent, kept_layout, shape_str
 from cmkernels.ops.registry import define_op
 
 SCHEMA1 = "(Tensor x, Tensor denoised, Tensor t, Tensor t_next) -> (Tensor, Tensor)"
@@ -240,7 +240,13 @@ def heun_step1(x: Tensor, denoised: Tensor, t: Tensor, t_next: Tensor) -> tuple[
     t:        [B] current noise level per sample (fp32 or fp64).
     t_next:   [B] next noise level per sample (same dtype as t).
     Returns x1 = x + (t_next - t) d (the Euler predictor) and d = (x - denoised) / t, in x's dtype.
+
+    Under forward-mode AD (torch.func.jvp, dual tensors) the step is the elementwise reference,
+    which carries the tangents exactly (the registered op would drop them).
     """
+    if has_tangent(x, denoised, t, t_next):
+        check_inputs("heun_step1", x, {}, denoised, t, t_next)
+        return heun_step1_ref(x, denoised, t, t_next)
     return _step1_op(x, denoised, t, t_next)
 
 
@@ -252,5 +258,9 @@ def heun_step2(
     x, d, x1:  [B, ...] the state at t and stage 1's outputs (one dtype).
     denoised1: [B, ...] D(x1, t_next).
     t, t_next: [B] as in heun_step1 (t_next > 0: the last step of a schedule is Euler only).
+    Under forward-mode AD, the elementwise reference (as heun_step1).
     """
+    if has_tangent(x, d, x1, denoised1, t, t_next):
+        check_inputs("heun_step2", x, {"d": d, "x1": x1}, denoised1, t, t_next)
+        return heun_step2_ref(x, d, x1, denoised1, t, t_next)
     return _step2_op(x, d, x1, denoised1, t, t_next)

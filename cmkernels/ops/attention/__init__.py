@@ -24,7 +24,9 @@ Where things are:
   is not differentiable. And ``attention(qkv, num_heads)`` / ``attention_bhtd(q, k, v)``, the
   public entry points: on the CPU they call F.scaled_dot_product_attention on contiguous q, k, v,
   forward and backward (its CPU flash kernels beat the op's recomputing backward 2-3x); elsewhere
-  the ops.
+  the ops. Under forward-mode AD (torch.func.jvp, dual tensors) they go, on every device, through
+  ``_AttentionJvp`` / ``_AttentionBhtdJvp``: the ops forward and backward, and the tangent in plain
+  PyTorch (``attention_bhtd_jvp``, section 11 of the spec).
 
 On CUDA the kernels' block sizes are autotuned per (T, d, dtype) on first use;
 ``CMKERNELS_AUTOTUNE=0`` selects the fixed per-head-dim table instead.
@@ -35,6 +37,8 @@ scale is 1/sqrt(d).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -62,7 +66,7 @@ from cmkernels.ops.attention.launch import (
     tile_config,
 )
 from cmkernels.ops.attention.reference import attention_bhtd_ref, attention_ref
-from cmkernels.ops.common import acc_dtype
+from cmkernels.ops.common import FORWARD_AD_EAGER_ONLY, acc_dtype, has_tangent
 from cmkernels.ops.registry import define_op
 from cmkernels.ops.triton_support import HAS_TRITON
 
@@ -79,6 +83,7 @@ __all__ = [
     "attention_bhtd",
     "attention_ref",
     "attention_bhtd_ref",
+    "attention_bhtd_jvp",
     "attention_triton",
     "attention_backward_triton",
     "attention_bhtd_triton",
@@ -173,6 +178,102 @@ torch.library.register_autograd(
 )
 
 
+# ------------------------------------------------------------------------------------------------
+# Forward-mode AD. torch.library has no forward-AD registration (a registered op drops tangents
+# silently) and SDPA has none either (pytorch issues 128971, 154226), so calls carrying tangents go
+# through these autograd.Functions: forward = the registered op, backward = the registered backward
+# op, jvp = the spec's formula in plain PyTorch. Not a fused kernel yet: it holds the (B, H, T, T)
+# probabilities and their tangent in memory (fp32), fine at the UNet's attention sizes.
+
+
+def attention_bhtd_jvp(q, k, v, tq, tk, tv) -> Tensor:
+    """O' of O = softmax(S) V, S = Q K^T / sqrt(d), for tangents tq, tk, tv (None: zero); all
+    (B, H, T, d); computed and returned in the accumulation dtype (fp32, fp64 for fp64).
+
+    S' = (Q' K^T + Q K'^T) / sqrt(d);  O' = P V' + (P o S') V - rowsum(P o S') o O
+    """
+    dt = acc_dtype(q)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = (t.to(dt) for t in (q, k, v))
+    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, T)
+    out = torch.zeros_like(q)
+    if tq is not None or tk is not None:
+        ds = torch.zeros_like(p)  # S' (B, H, T, T)
+        if tq is not None:
+            ds = ds + torch.matmul(tq.to(dt), k.transpose(-1, -2))
+        if tk is not None:
+            ds = ds + torch.matmul(q, tk.to(dt).transpose(-1, -2))
+        pds = p * ds * scale  # P o S'
+        o = torch.matmul(p, v)  # (B, H, T, d)
+        out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
+    if tv is not None:
+        out = out + torch.matmul(p, tv.to(dt))
+    return out
+
+
+class _AttentionJvp(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(qkv, num_heads):
+        return _forward_op(qkv, num_heads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse)
+
+    @staticmethod
+    def jvp(ctx, tqkv, _num_heads):
+        (qkv,) = ctx.saved_tensors
+        tout = attention_bhtd_jvp(*split_packed(qkv, ctx.num_heads),
+                                  *split_packed(tqkv, ctx.num_heads))  # fmt: skip
+        return merge_heads(tout).to(qkv.dtype), None
+
+
+class _AttentionBhtdJvp(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v):
+        return _bhtd_op(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _bhtd_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _bhtd_backward(ctx, grad_out, grad_lse)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv):
+        q, k, v = ctx.saved_tensors
+        return attention_bhtd_jvp(q, k, v, tq, tk, tv).to(q.dtype), None
+
+
+# torch.compile inlines an autograd.Function's forward and drops its jvp when no input requires
+# grad (a silent zero tangent again), so the routes run outside the compiled graph: a graph break,
+# or, under fullgraph=True, dynamo's error naming these functions.
+@torch.compiler.disable(reason=FORWARD_AD_EAGER_ONLY)
+def _attention_forward_ad(qkv: Tensor, num_heads: int) -> Tensor:
+    return _AttentionJvp.apply(qkv, num_heads)[0]
+
+
+@torch.compiler.disable(reason=FORWARD_AD_EAGER_ONLY)
+def _attention_bhtd_forward_ad(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _AttentionBhtdJvp.apply(q, k, v)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
 def attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Fused multi-head self-attention on the packed official layout.
 
@@ -180,7 +281,10 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
                (float64 on the CPU); any strides. Head dim d = channels / (3 * num_heads), 1..128.
     num_heads: H.
     Returns [B, H*d, T] (channel order heads, head_dim), dtype of qkv; softmax scale 1/sqrt(d).
+    Differentiable in reverse and forward mode (torch.func.jvp, dual tensors).
     """
+    if has_tangent(qkv):  # forward-mode AD, on every device: the ops plus a PyTorch tangent
+        return _attention_forward_ad(qkv, num_heads)
     if qkv.device.type == "cpu":  # SDPA, differentiable through its own CPU kernels
         check_packed(qkv, num_heads)
         return merge_heads(sdpa(*split_packed(qkv, num_heads)))
@@ -190,7 +294,10 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
 
 def attention_bhtd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Fused multi-head self-attention on q, k, v [B, H, T, d] (any strides, same shape and dtype;
-    d in 1..128). Returns [B, H, T, d]; softmax scale 1/sqrt(d)."""
+    d in 1..128). Returns [B, H, T, d]; softmax scale 1/sqrt(d). Differentiable in reverse and
+    forward mode."""
+    if has_tangent(q, k, v):
+        return _attention_bhtd_forward_ad(q, k, v)
     if q.device.type == "cpu":
         check_bhtd(q, k, v)
         return sdpa(q, k, v)

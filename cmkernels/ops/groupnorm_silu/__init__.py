@@ -17,7 +17,8 @@ Where things are:
   kernels in PyTorch used when the compiled extension is missing.
 - here: ``torch.ops.cmkernels.groupnorm_silu`` / ``groupnorm_silu_backward`` (schemas in
   csrc/ops.cpp, CPU kernels in csrc/groupnorm_silu_cpu.cpp, CUDA kernels = the Triton launchers),
-  fake kernels and autograd; ``groupnorm_silu``, the public entry point returning y.
+  fake kernels and autograd; ``_GroupNormSiLUJvp``, the forward-mode AD route (the tangent in
+  plain PyTorch, section 11 of the spec); ``groupnorm_silu``, the public entry point returning y.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cmkernels.ops.common import acc_dtype
+from cmkernels.ops.common import FORWARD_AD_EAGER_ONLY, acc_dtype, has_tangent
 from cmkernels.ops.groupnorm_silu.checks import check_backward_inputs, check_inputs, layout
 from cmkernels.ops.groupnorm_silu.fallback import (
     groupnorm_silu_backward_fallback,
@@ -52,6 +53,7 @@ BACKWARD_SCHEMA = (
 __all__ = [
     "groupnorm_silu",
     "groupnorm_silu_ref",
+    "groupnorm_silu_jvp",
     "groupnorm_silu_triton",
     "groupnorm_silu_backward_triton",
     "groupnorm_silu_fallback",
@@ -127,6 +129,101 @@ torch.library.register_autograd(
 
 
 # ------------------------------------------------------------------------------------------------
+# Forward-mode AD. torch.library has no forward-AD registration: a registered op called on dual
+# tensors (torch.func.jvp or forward_ad) returns a tangent-less output. Such calls go through this
+# autograd.Function instead: forward = the registered op, backward = the registered backward op,
+# jvp = the spec's formula (section 11) in plain PyTorch, in the accumulation dtype (fp32, fp64 for
+# fp64), from the forward's saved mean / rstd. Not a fused kernel yet: it reads x, x' and writes
+# y' with several eager kernels.
+
+
+def groupnorm_silu_jvp(x, weight, bias, scale, shift, mean, rstd, groups, activation,
+                       tx, tw, tb, ts, tsh):  # fmt: skip
+    """y' of y = groupnorm_silu(x, ...) for tangents tx, tw, tb, ts, tsh (any may be None: zero),
+    given the forward's mean / rstd [N, groups]; in x's dtype and output layout.
+
+    n = (x - m) r;  n' = r (x' - mean(x') - n mean(n x'))   (means over the group)
+    h = (n w + b)(1 + scale) + shift
+    h' = (n' w + n w' + b')(1 + scale) + (n w + b) scale' + shift'
+    y = silu(h);  y' = s(h) (1 + h (1 - s(h))) h'   (s the sigmoid)
+    """
+    dt = acc_dtype(x)
+    N, C = x.shape[:2]
+    bcast = (N, C) + (1,) * (x.dim() - 2)
+    cshape = (1, C) + (1,) * (x.dim() - 2)
+
+    def grouped(t):  # [N, C, *] -> (N, groups, C/groups * spatial) in dt
+        return t.to(dt).reshape(N, groups, -1)
+
+    m, r = mean.to(dt).unsqueeze(-1), rstd.to(dt).unsqueeze(-1)  # (N, groups, 1)
+    n = (grouped(x) - m) * r
+    if tx is not None:
+        txg = grouped(tx)
+        dn = r * (txg - txg.mean(-1, keepdim=True) - n * (n * txg).mean(-1, keepdim=True))
+        dn = dn.reshape(x.shape)
+    n = n.reshape(x.shape)
+    w, b = weight.to(dt).reshape(cshape), bias.to(dt).reshape(cshape)
+    a = n * w + b  # the affine GroupNorm output
+    da = dn * w if tx is not None else torch.zeros_like(a)
+    if tw is not None:
+        da = da + n * tw.to(dt).reshape(cshape)
+    if tb is not None:
+        da = da + tb.to(dt).reshape(cshape)
+    h, dh = a, da
+    if scale is not None:
+        h = a * (1 + scale.to(dt).reshape(bcast))
+        dh = da * (1 + scale.to(dt).reshape(bcast))
+        if ts is not None:
+            dh = dh + a * ts.to(dt).reshape(bcast)
+    if shift is not None:
+        h = h + shift.to(dt).reshape(bcast)
+        if tsh is not None:
+            dh = dh + tsh.to(dt).reshape(bcast)
+    if activation:
+        sig = torch.sigmoid(h)
+        dh = dh * sig * (1 + h * (1 - sig))
+    return dh.to(x.dtype).contiguous(memory_format=layout(x))
+
+
+class _GroupNormSiLUJvp(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, scale, shift, groups, eps, activation):
+        return _forward_op(x, weight, bias, scale, shift, groups, eps, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, scale, shift, groups, eps, activation = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.save_for_forward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.groups = groups
+        ctx.activation = activation
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        return _backward(ctx, grad_y, grad_mean, grad_rstd)
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, ts, tsh, _groups, _eps, _activation):
+        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
+        ty = groupnorm_silu_jvp(x, weight, bias, scale, shift, mean, rstd, ctx.groups,
+                                ctx.activation, tx, tw, tb, ts, tsh)  # fmt: skip
+        return ty, None, None
+
+
+# torch.compile inlines an autograd.Function's forward and drops its jvp when no input requires
+# grad (a silent zero tangent again), so the route runs outside the compiled graph: a graph break,
+# or, under fullgraph=True, dynamo's error naming this function.
+@torch.compiler.disable(reason=FORWARD_AD_EAGER_ONLY)
+def _groupnorm_silu_forward_ad(x, weight, bias, scale, shift, groups, eps, activation):
+    y, _, _ = _GroupNormSiLUJvp.apply(x, weight, bias, scale, shift, groups, eps, activation)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
 # Public entry point.
 
 
@@ -152,6 +249,11 @@ def groupnorm_silu(
     groups:     number of groups (C must be divisible by it).
     eps:        added to the variance.
     activation: apply SiLU (False gives plain GroupNorm with the modulation).
+
+    Differentiable in reverse mode (the fused backward) and in forward mode (torch.func.jvp, dual
+    tensors: the tangent in plain PyTorch for now, see ``groupnorm_silu_jvp``).
     """
+    if has_tangent(x, weight, bias, scale, shift):  # forward-mode AD: func.jvp or dual tensors
+        return _groupnorm_silu_forward_ad(x, weight, bias, scale, shift, groups, eps, activation)
     y, _, _ = _forward_op(x, weight, bias, scale, shift, groups, eps, activation)
     return y
