@@ -71,7 +71,9 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
         B = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
+        # float32 noise levels (float64 for a float64 x: reference and JVP checks in float64).
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(B)
         if sigma.numel() != B:
@@ -81,6 +83,22 @@ class Denoiser(nn.Module):
             (c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels
         )
         return (c_skip * x.float() + c_out * F_x.float()).to(x.dtype)
+
+    def jvp(self, x: Tensor, sigma: Tensor, v: Tensor, class_labels: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(D(x, sigma), dD/dsigma along (v, 1)): one forward-mode JVP of the whole function,
+        through the scalings, c_noise, the time embedding and the network, with x moving at
+        velocity v as sigma moves (the total derivative of spec section 11:
+        dD/dsigma + (dD/dx) v). x, v [B, C, H, W]; sigma [B] (or a scalar). No gradient flows
+        (wrap the call in torch.no_grad() where none is wanted)."""
+        if v.shape != x.shape:
+            raise ValueError(f"v has shape {tuple(v.shape)}; x has {tuple(x.shape)}")
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        return torch.func.jvp(lambda x_, s_: self(x_, s_, class_labels), (x, sigma),
+                              (v.to(x.dtype), torch.ones_like(sigma)))  # fmt: skip
 
     def extra_repr(self) -> str:
         return (f"parameterization={self.parameterization}, sigma_data={self.sigma_data}, "

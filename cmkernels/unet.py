@@ -145,8 +145,11 @@ def get_preset(name: str, **overrides) -> UNetConfig:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding [cos, sin] of the network's time input t [B] -> [B, dim]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)  # float32, or float64 for float64 t
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half
+    )
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
