@@ -448,9 +448,12 @@ def _jvp_reference(primals, tangents, groups, activation):
     """(tangent in float64, tangent of the reference in the inputs' dtypes): the reference's jvp
     on float64 copies, and on the inputs themselves (the baseline error of the rule)."""
     f = lambda *a: groupnorm_silu_ref(*a, groups=groups, activation=activation)
-    up = lambda ts: [t.double() if t is not None else None for t in ts]
+    # Contiguous copies: torch 2.11's forward-AD rule of F.group_norm fails on channels_last input
+    # ("view size is not compatible"); the reference's math does not depend on the layout.
+    dense = lambda ts: [t.contiguous() if t is not None else None for t in ts]
+    up = lambda ts: [t.double() if t is not None else None for t in dense(ts)]
     _, t64 = forward_ad_jvp(f, up(primals), up(tangents))
-    _, tlow = forward_ad_jvp(f, list(primals), list(tangents))
+    _, tlow = forward_ad_jvp(f, dense(primals), dense(tangents))
     return t64, tlow
 
 
