@@ -196,19 +196,22 @@ def attention_bhtd_jvp(q, k, v, tq, tk, tv) -> Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k, v = (t.to(dt) for t in (q, k, v))
     p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, T)
-    out = torch.zeros_like(q)
-    if tq is not None or tk is not None:
-        ds = torch.zeros_like(p)  # S' (B, H, T, T)
-        if tq is not None:
-            ds = ds + torch.matmul(tq.to(dt), k.transpose(-1, -2))
-        if tk is not None:
-            ds = ds + torch.matmul(q, tk.to(dt).transpose(-1, -2))
+    # Only the tangents present contribute (no zero-filled (B, H, T, T) buffers).
+    ds = None  # S' (B, H, T, T)
+    if tq is not None:
+        ds = torch.matmul(tq.to(dt), k.transpose(-1, -2))
+    if tk is not None:
+        term = torch.matmul(q, tk.to(dt).transpose(-1, -2))
+        ds = term if ds is None else ds + term
+    out = None
+    if ds is not None:
         pds = p * ds * scale  # P o S'
         o = torch.matmul(p, v)  # (B, H, T, d)
         out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
     if tv is not None:
-        out = out + torch.matmul(p, tv.to(dt))
-    return out
+        term = torch.matmul(p, tv.to(dt))
+        out = term if out is None else out + term
+    return out if out is not None else torch.zeros_like(q)
 
 
 class _AttentionJvp(torch.autograd.Function):
