@@ -84,10 +84,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def check_writable(folder: str | os.PathLike, what: str = "the output folder") -> Path:
-    """Create `folder` if needed and prove a file can be written in it (before any long work
-    whose result would go there); CheckpointError naming `what` otherwise."""
+def check_writable(folder: str | os.PathLike, what: str = "the output folder", *,
+                   create: bool = True) -> Path:  # fmt: skip
+    """Prove a file can be written in `folder` (before any long work whose result would go
+    there); CheckpointError naming `what` otherwise. create: make the folder now; False: leave the
+    disk as it is and try the nearest folder of the path that exists (the caller creates the
+    folder when it writes)."""
     folder = Path(folder)
+    if not create:
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+        if existing != folder:
+            what, folder = f"{what} {folder}: the folder", existing
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise CheckpointError(f"{what} {folder}: cannot write there ({blocker} is a file, not a "
@@ -373,19 +380,13 @@ def load_denoiser(
     weights:          "ema" (the first evaluation EMA, if any), "model" or an EMA rate ("0.9999")
 
     A diffusers directory (ConsistencyModelPipeline or UNet2DModel) or diffusers .safetensors
-    file loads through cmkernels.diffusers_format.load_diffusers (no preset needed).
+    file loads through cmkernels.diffusers_format.load_any (no preset needed).
     """
     from cmkernels import diffusers_format  # imported here: it imports this module
 
-    if diffusers_format.is_diffusers_source(path):
-        if preset is not None:
-            raise diffusers_format.DiffusersFormatError(
-                f"{path} is in the diffusers layout: its config.json gives the architecture "
-                "(no preset)"
-            )
-        return diffusers_format.load_diffusers(
-            path, parameterization=parameterization, device=device
-        ).denoiser
+    if diffusers_format.is_diffusers_source(path):  # the one dispatch, with its preset check
+        return diffusers_format.load_any(path, preset=preset, parameterization=parameterization,
+                                         device=device)[0]  # fmt: skip
     state = load_file(path)
     if is_ours(state):
         cfg = UNetConfig(**state["unet_config"])

@@ -22,7 +22,6 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,17 +205,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"bad --device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is available")
-    check_out_folder(args.out)
-
-
-def check_out_folder(out: str) -> None:
-    """A CheckpointError unless files can be written in `out`, tried in the nearest folder that
-    exists so that nothing is created yet (check_writable creates the folder it tries)."""
     from cmkernels.checkpoint import check_writable
 
-    path = Path(out)
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    check_writable(existing, "--out" if existing == path else f"--out {out}: the folder")
+    check_writable(args.out, "--out", create=False)  # created when the images are written
 
 
 def check_steps(parser, args: argparse.Namespace, sampler: str | None) -> None:

@@ -100,3 +100,12 @@ def test_check_writable_names_the_flag(tmp_path):
     with pytest.raises(CheckpointError, match="--json .*cannot write there"):
         check_writable(tmp_path / "file" / "sub", "--json")
     assert check_writable(tmp_path / "new" / "dir").is_dir()
+
+
+def test_check_writable_without_creating(tmp_path):
+    # create=False tries the nearest folder that exists and leaves the path as it was.
+    assert check_writable(tmp_path / "a" / "b", "--out", create=False) == tmp_path
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"--out .*file/sub: the folder .*file is a file"):
+        check_writable(tmp_path / "file" / "sub", "--out", create=False)
