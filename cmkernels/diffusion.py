@@ -69,36 +69,51 @@ class Denoiser(nn.Module):
             return cm_scalings(sigma, self.sigma_data, self.sigma_min)
         return edm_scalings(sigma, self.sigma_data)
 
-    def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
-        B = x.shape[0]
-        # float32 noise levels (float64 for a float64 x: reference and JVP checks in float64).
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(B)
-        if sigma.numel() != B:
-            raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {B}")
-        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
-        F_x = self.net(
-            (c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels
-        )
-        return (c_skip * x.float() + c_out * F_x.float()).to(x.dtype)
-
-    def jvp(self, x: Tensor, sigma: Tensor, v: Tensor, class_labels: Tensor | None = None
-            ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        """(D(x, sigma), dD/dsigma along (v, 1)): one forward-mode JVP of the whole function,
-        through the scalings, c_noise, the time embedding and the network, with x moving at
-        velocity v as sigma moves (the total derivative of spec section 11:
-        dD/dsigma + (dD/dx) v). x, v [B, C, H, W]; sigma [B] (or a scalar). No gradient flows
-        (wrap the call in torch.no_grad() where none is wanted)."""
-        if v.shape != x.shape:
-            raise ValueError(f"v has shape {tuple(v.shape)}; x has {tuple(x.shape)}")
+    def _sigmas(self, x: Tensor, sigma) -> Tensor:
+        """sigma as a [B] tensor: float32 (float64 for a float64 x: reference and JVP checks in
+        float64)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device, dtype=dtype).reshape(-1)
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
-        return torch.func.jvp(lambda x_, s_: self(x_, s_, class_labels), (x, sigma),
-                              (v.to(x.dtype), torch.ones_like(sigma)))  # fmt: skip
+        if sigma.numel() != x.shape[0]:
+            raise ValueError(f"sigma has {sigma.numel()} entries for a batch of {x.shape[0]}")
+        return sigma
+
+    def _parts(self, x: Tensor, sigma: Tensor, class_labels) -> tuple[Tensor, Tensor]:
+        """(D(x, sigma), the network's output F) for sigma [B] from _sigmas."""
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
+        F_x = self.net(
+            (c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels
+        )
+        return (c_skip * x.float() + c_out * F_x.float()).to(x.dtype), F_x
+
+    def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
+        return self._parts(x, self._sigmas(x, sigma), class_labels)[0]
+
+    def jvp(self, x: Tensor, sigma, v: Tensor, class_labels: Tensor | None = None,
+            network_tangent: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(D(x, sigma), dD/dsigma along (v, 1)): one forward-mode JVP of the whole function,
+        through the scalings, c_noise, the time embedding and the network, with x moving at
+        velocity v as sigma moves (the total derivative of spec section 11:
+        dD/dsigma + (dD/dx) v). x, v [B, C, H, W]; sigma [B] (or a scalar).
+
+        network_tangent r in [0, 1] scales the network's own share of the tangent,
+        c_out dF/dsigma (sCM's tangent warm-up ramps it 0 -> 1); 1 is the exact derivative.
+        No gradient flows when called under torch.no_grad(), which also lets the fused kernels
+        compute each op's value and tangent in one launch."""
+        if v.shape != x.shape:
+            raise ValueError(f"v has shape {tuple(v.shape)}; x has {tuple(x.shape)}")
+        sigma = self._sigmas(x, sigma)
+        (D, _), (dD, dF) = torch.func.jvp(
+            lambda x_, s_: self._parts(x_, s_, class_labels),
+            (x, sigma),
+            (v.to(x.dtype), torch.ones_like(sigma)),
+        )
+        if network_tangent != 1.0:
+            c_out = self.scalings(sigma)[1].view(-1, 1, 1, 1)
+            dD = (dD.float() - (1.0 - network_tangent) * c_out * dF.float()).to(dD.dtype)
+        return D, dD
 
     def extra_repr(self) -> str:
         return (f"parameterization={self.parameterization}, sigma_data={self.sigma_data}, "

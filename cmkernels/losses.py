@@ -1,5 +1,6 @@
 """Training objectives: EDM denoising, consistency distillation (CD) and consistency training (CT,
-with the iCT options), as small callables that return one loss per sample; the trainer reduces.
+with the iCT options), in discrete and in continuous time (CD-infinity, CT-infinity), as small
+callables that return one loss per sample; the trainer reduces.
 
 The training schedules (N(k), mu(k), learning-rate and EMA warm-up) live beside the objectives;
 the noise schedule (Karras grid, tau(u)) is cmkernels.noise_schedule.
@@ -16,9 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from cmkernels.noise_schedule import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from cmkernels.noise_schedule import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    karras_sigmas,
+    tau,
+    tau_derivative,
+)
 from cmkernels.ops import heun_step1, heun_step2
 
 # ------------------------------------------------------------------------------------------------
@@ -26,7 +35,9 @@ from cmkernels.ops import heun_step1, heun_step2
 
 
 def _flat(a: Tensor, b: Tensor) -> Tensor:
-    return (a.float() - b.float()).flatten(1)
+    """a - b per sample, [B, dim], in float32 (float64 when either is float64)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (a.to(dtype) - b.to(dtype)).flatten(1)
 
 
 def l2_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -83,8 +94,9 @@ def ict_num_scales(step: int, total: int, s0: int = ICT_S0, s1: int = ICT_S1) ->
 class ConsistencySchedule:
     """N(k) grid points and the target network's rate mu(k) of a run.
 
-    kind: "cd" (fixed N and mu), "ct" (the CT paper's N(k), mu(k)) or "ict" (doubling N(k),
-    mu = 0: the target is stopgrad(theta)).
+    kind: "cd" (fixed N and mu), "ct" (the CT paper's N(k), mu(k)), "ict" (doubling N(k),
+    mu = 0: the target is stopgrad(theta)) or "continuous" (no grid: N = 0; the fixed mu of
+    target_ema).
     """
 
     kind: str
@@ -100,6 +112,8 @@ class ConsistencySchedule:
             return ict_num_scales(step, self.total_steps, self.s0, self.s1)
         if self.kind == "ct":
             return ct_num_scales(step, self.total_steps, self.s0, self.s1)
+        if self.kind == "continuous":
+            return 0
         return self.num_scales
 
     def target_rate(self, num_scales: int) -> float:
@@ -145,7 +159,7 @@ class EDMLoss:
     sigma_data: float = SIGMA_DATA
 
     def draw(
-        self, B: int, gen: torch.Generator, num_scales: int | None = None
+        self, B: int, gen: torch.Generator, num_scales: int | None = None, step: int = 0
     ) -> dict[str, Tensor]:
         """Per-sample randomness of a (global) batch of B: the noise levels."""
         n = torch.randn(B, generator=gen)
@@ -193,7 +207,9 @@ class ConsistencyLoss:
     sigma_max: float = SIGMA_MAX
     rho: float = RHO
 
-    def draw(self, B: int, gen: torch.Generator, num_scales: int) -> dict[str, Tensor]:
+    def draw(
+        self, B: int, gen: torch.Generator, num_scales: int, step: int = 0
+    ) -> dict[str, Tensor]:
         """Per-sample (t, t2) = (sigma_n, sigma_{n+1}) of a (global) batch of B, from a Karras grid
         of num_scales points."""
         sigmas = karras_sigmas(num_scales, self.sigma_min, self.sigma_max, self.rho)
@@ -233,3 +249,97 @@ class ConsistencyLoss:
         if self.weighting == "ict":
             dist = dist / (t - t2)
         return dist, {"sigma_mean": t.mean()}  # a tensor: no host sync inside the training step
+
+
+# ------------------------------------------------------------------------------------------------
+# Continuous time (CD-infinity, CT-infinity; spec section 11). u ~ U[0, 1], t = tau(u),
+# x_t = x + t z; g = d/dt f^-(x_t, t) = df^-/dt + (df^-/dx) v, one JVP of the target network with
+# tangents (v, 1) and no gradient. The per-sample objective is written in the sCM form
+#     || f_theta(x_t, t) - stopgrad(f_theta(x_t, t) - w g) ||^2 / dim,   w = lambda(t) tau'(u),
+# whose gradient 2 w g . grad f_theta / dim is the N -> infinity limit of the discrete l2 CD / CT
+# gradient divided by Delta u (with f^- = stopgrad(f_theta)), and whose value w^2 ||g||^2 / dim
+# is the size of the consistency error per unit u (what the log shows).
+
+
+class AdaptiveWeight(nn.Module):
+    """sCM's learned log-variance w_phi(t): a linear layer on the sinusoidal embedding of the
+    network's time input c_noise(t). The loss becomes exp(-w) d + w per sample; w starts at 0."""
+
+    def __init__(self, dim: int = 128, c_noise_convention: str = "official"):
+        super().__init__()
+        self.dim, self.c_noise_convention = dim, c_noise_convention
+        self.linear = nn.Linear(dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t: Tensor) -> Tensor:  # t [B] -> w [B]
+        from cmkernels.diffusion import c_noise
+        from cmkernels.unet import timestep_embedding
+
+        emb = timestep_embedding(c_noise(t.float(), self.c_noise_convention), self.dim)
+        return self.linear(emb).squeeze(-1)
+
+
+@dataclass
+class ContinuousConsistencyLoss:
+    """CD-infinity (teacher velocity v = (x_t - D_phi(x_t, t)) / t) or CT-infinity (v = z).
+
+    tangent_norm:    c > 0: the weighted tangent w g is replaced by w g / (||w g|| + c) per sample
+                     (sCM's tangent normalisation, c = 0.1 there); 0: off (the paper's objective).
+    tangent_warmup:  steps over which the network's share of the tangent ramps 0 -> 1 (sCM's
+                     tangent warm-up, carried over to the EDM parameterisation: see Denoiser.jvp);
+                     0: off.
+    adaptive:        an AdaptiveWeight module (sCM's learned weighting), or None.
+    """
+
+    tangent_norm: float = 0.0
+    tangent_warmup: int = 0
+    adaptive: nn.Module | None = None
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = RHO
+
+    def draw(self, B: int, gen: torch.Generator, num_scales: int | None = None,
+             step: int = 0) -> dict[str, Tensor]:  # fmt: skip
+        """Per-sample u ~ U[0, 1] of a (global) batch, as t = tau(u) and w = tau'(u), and the
+        tangent warm-up factor r of this step."""
+        u = torch.rand(B, generator=gen, dtype=torch.float64)
+        t = tau(u, self.sigma_min, self.sigma_max, self.rho)
+        w = tau_derivative(u, self.sigma_min, self.sigma_max, self.rho)
+        r = min(1.0, step / self.tangent_warmup) if self.tangent_warmup > 0 else 1.0
+        return {"t": t.float(), "w": w.float(), "r": torch.full((B,), r)}
+
+    def velocity(self, x: Tensor, noise: Tensor, x_t: Tensor, t: Tensor, teacher, labels):
+        """dx_t/dt of the probability-flow ODE at (x_t, t): the teacher's (CD) or z (CT)."""
+        if teacher is None:
+            return noise
+        bc = (-1,) + (1,) * (x.dim() - 1)
+        return ((x_t.float() - teacher(x_t, t, labels).float()) / t.view(bc)).to(x_t.dtype)
+
+    def tangent(self, target, x_t: Tensor, t: Tensor, v: Tensor, r: float, labels) -> Tensor:
+        """g = d/dt f^-(x_t, t) along (v, 1), in float32 (float64 for float64), no gradient."""
+        with torch.no_grad():
+            _, g = target.jvp(x_t, t, v, labels, network_tangent=r)
+        return g.to(torch.promote_types(g.dtype, torch.float32))
+
+    def __call__(self, model, target, x: Tensor, noise: Tensor, draws: dict, teacher=None,
+                 labels=None):  # fmt: skip
+        t, w = draws["t"].to(x.device), draws["w"].to(x.device)
+        r = float(draws["r"][0]) if len(draws["r"]) else 1.0
+        bc = (-1,) + (1,) * (x.dim() - 1)
+        x_t = x + t.view(bc) * noise
+        with torch.no_grad():
+            v = self.velocity(x, noise, x_t, t, teacher, labels)
+        rng = _rng_state(x.device)
+        online = model(x_t, t, labels)
+        g = _same_dropout(lambda: self.tangent(target, x_t, t, v, r, labels), rng, x.device)
+        delta = w.view(bc) * g  # lambda(t) = 1
+        if self.tangent_norm > 0:
+            norm = delta.flatten(1).norm(dim=1).view(bc)
+            delta = delta / (norm + self.tangent_norm)
+        per_sample = l2_distance(online, (online.to(delta.dtype) - delta).detach())
+        aux = {"sigma_mean": t.mean(), "tangent_rms": delta.flatten(1).square().mean(1).sqrt().mean()}
+        if self.adaptive is not None:
+            logvar = self.adaptive(t)
+            per_sample = torch.exp(-logvar) * per_sample + logvar
+        return per_sample, aux

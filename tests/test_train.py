@@ -168,8 +168,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     real = trainer.loss_fn
 
     class Poisoned:
-        def draw(self, *a):
-            return real.draw(*a)
+        def draw(self, *a, **k):
+            return real.draw(*a, **k)
 
         def __call__(self, *a, **k):
             per_sample, aux = real(*a, **k)
@@ -448,10 +448,12 @@ def test_ddp_ranks_agree_on_the_stop(monkeypatch):
     assert trainer.stop_agreed() is False
 
 
-def test_ddp_gloo_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--continuous", "--adaptive-weight"]],
+                         ids=["discrete", "continuous"])
+def test_ddp_gloo_two_processes_match_one(tmp_path, extra):
     args = ["--mode", "ct", "--steps", "2", "--dropout", "0", "--batch-size", "4",
             "--model-channels", "32", "--eval-samples", "0", "--sample-every", "1000",
-            "--no-progress", "--warmup", "1"]  # fmt: skip
+            "--no-progress", "--warmup", "1", *extra]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "cmkernels.train", *args, "--out", str(tmp_path / "one")]
     one = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -463,10 +465,11 @@ def test_ddp_gloo_two_processes_match_one(tmp_path):
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
-    a = load_file(tmp_path / "one" / "last.pt")["model"]
-    b = load_file(tmp_path / "two" / "last.pt")["model"]
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("model", "weighting") if extra else ("model",):
+        a = load_file(tmp_path / "one" / "last.pt")[key]
+        b = load_file(tmp_path / "two" / "last.pt")[key]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @requires_cuda

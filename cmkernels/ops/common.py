@@ -83,3 +83,41 @@ def has_tangent(*tensors: Tensor | None) -> bool:
         t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None
         for t in tensors
     )
+
+
+def split_duals(*tensors: Tensor | None) -> tuple[list, list] | None:
+    """(primals, tangents) of tensors (None stays None; a tangent is None where absent) when a
+    fused primal+tangent kernel may serve this forward-mode AD call directly, its outputs re-wrapped
+    with ``forward_ad.make_dual``: exactly one forward-AD level is active on the inputs (a
+    ``torch.func.jvp``, or dual tensors) with no other functorch transform beneath it (vmap, grad,
+    an outer jvp), and no reverse-mode graph is being recorded through them (grad mode off, or
+    nothing requires grad). Otherwise None: the caller takes its autograd.Function route, whose jvp
+    composes with every transform (the fused kernel's primal output then goes unused)."""
+    fwad = torch.autograd.forward_ad
+    fc = torch._C._functorch
+    primals, tangents = [], []
+    for t in tensors:
+        if t is None:
+            primals.append(None)
+            tangents.append(None)
+            continue
+        p, tan = fwad.unpack_dual(t)
+        for part in (p, tan):
+            if part is None:
+                continue
+            inner = part
+            if fc.is_functorch_wrapped_tensor(part):
+                # torch.func.jvp's wrapper: under it must be a plain tensor
+                inner = fc.get_unwrapped(part)
+                if fc.is_functorch_wrapped_tensor(inner) or fc.is_batchedtensor(inner):
+                    return None
+            elif fc.is_batchedtensor(part):
+                return None
+            if fwad.unpack_dual(part).tangent is not None:  # a second dual level
+                return None
+            # regular autograd records beneath functorch's wrapper: ask the tensor under it
+            if torch.is_grad_enabled() and (part.requires_grad or inner.requires_grad):
+                return None
+        primals.append(p)
+        tangents.append(tan)
+    return primals, tangents

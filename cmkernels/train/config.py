@@ -58,6 +58,11 @@ class TrainConfig:
     ct_s1: int = CT_S1
     ct_mu0: float = CT_MU0
     ict: bool = False  # iCT: pseudo-Huber, lognormal pairs, doubling curriculum, no target EMA
+    # Continuous time (CD-infinity / CT-infinity, spec section 11) and sCM's stabilisers.
+    continuous: bool = False
+    tangent_norm: float = 0.0  # c of g / (||g|| + c) (sCM: 0.1); 0: off
+    tangent_warmup: int = 0  # steps of the 0 -> 1 ramp of the network's tangent share; 0: off
+    adaptive_weight: bool = False  # sCM's learned log-variance weighting w(t)
     teacher: str | None = None  # CD teacher checkpoint (default: the shipped MNIST teacher)
     init_from_teacher: bool = True  # CD: start the student from the teacher's weights (official)
     init_from: str | None = None  # start CT/CD from these weights (ECT-style); off by default
@@ -99,6 +104,9 @@ MODE_DEFAULTS = {
     "cd": dict(),
     "ct": dict(lr=2e-4),
 }
+# --continuous: the target is stopgrad(theta) (mu = 0), the case in which the discrete gradient
+# divided by Delta u converges to the continuous one (spec section 11).
+CONTINUOUS_DEFAULTS = dict(target_ema=0.0)
 ICT_DEFAULTS = dict(distance="pseudo_huber", target_ema=0.0, ct_s0=ICT_S0, ct_s1=ICT_S1)
 # A CI smoke run: a few steps of the same job.
 CI_OVERRIDES = dict(steps=6, batch_size=8, log_every=2, sample_every=4, ckpt_every=3,
@@ -130,7 +138,7 @@ HELP = {
     "warmup": "linear learning-rate warm-up steps",
     "grad_clip": "maximum gradient norm (0: no clipping)",
     "num_scales": "CD: points N of the Karras grid",
-    "target_ema": "CD: EMA rate mu of the target network",
+    "target_ema": "CD (and CD/CT with --continuous): EMA rate mu of the target network",
     "distance": "consistency distance (lpips needs --lpips-vgg and --lpips-lin)",
     "lpips_vgg": "LPIPS: a local torchvision VGG-16 state_dict (vgg16-397923af.pth)",
     "lpips_lin": "LPIPS: the local linear-layer weights (weights/v0.1/vgg.pth of lpips)",
@@ -139,6 +147,13 @@ HELP = {
     "ct_mu0": "CT: initial target EMA rate mu0",
     "ict": "CT: the iCT options (pseudo-Huber, lognormal pairs, doubling curriculum, no target "
            "EMA)",
+    "continuous": "CD/CT in continuous time (CD-infinity, CT-infinity): u ~ U[0, 1], the "
+                  "target network's tangent by one forward-mode JVP, l2",
+    "tangent_norm": "--continuous: sCM's tangent normalisation g / (||g|| + c) with this c "
+                    "(sCM: 0.1; 0: off)",
+    "tangent_warmup": "--continuous: ramp the network's share of the tangent from 0 to 1 over "
+                      "this many steps (sCM's tangent warm-up; 0: off)",
+    "adaptive_weight": "--continuous: sCM's learned log-variance weighting exp(-w(t)) d + w(t)",
     "teacher": "CD: the EDM teacher checkpoint (default: the shipped MNIST teacher, for "
                "--data mnist)",
     "init_from_teacher": "CD: start the student from the teacher's weights, as the official "
@@ -175,6 +190,8 @@ def _help(name: str, default) -> str:
         return text
     shown = [_show(default)]
     shown += [f"--mode {mode}: {_show(d[name])}" for mode, d in MODE_DEFAULTS.items() if name in d]
+    if name in CONTINUOUS_DEFAULTS:
+        shown.append(f"--continuous: {_show(CONTINUOUS_DEFAULTS[name])}")
     if name in ICT_DEFAULTS:
         shown.append(f"--ict: {_show(ICT_DEFAULTS[name])}")
     if name in CI_OVERRIDES:
@@ -223,6 +240,22 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--dropout must lie in [0, 1), got {cfg.dropout}")
     if len(set(cfg.ema_rates)) != len(cfg.ema_rates):
         problems.append(f"--ema-rates has a rate twice: {_show(cfg.ema_rates)}")
+    if cfg.continuous:
+        if cfg.mode not in ("cd", "ct"):
+            problems.append(f"--continuous applies to --mode cd and ct, not {cfg.mode}")
+        if cfg.ict:
+            problems.append("--continuous and --ict do not combine (iCT is a discrete recipe)")
+        if cfg.distance != "l2":
+            problems.append(f"--continuous trains with the l2 distance, not --distance "
+                            f"{cfg.distance}")  # fmt: skip
+    else:
+        for name, off in (("tangent_norm", 0.0), ("tangent_warmup", 0), ("adaptive_weight", False)):
+            if getattr(cfg, name) != off:
+                problems.append(f"{_flag(name)} applies to --continuous runs")
+    if not (math.isfinite(cfg.tangent_norm) and cfg.tangent_norm >= 0):
+        problems.append(f"--tangent-norm must be >= 0 (0: off), got {cfg.tangent_norm}")
+    if cfg.tangent_warmup < 0:
+        problems.append(f"--tangent-warmup must be >= 0, got {cfg.tangent_warmup}")
     if cfg.resume and cfg.overwrite:
         problems.append("--resume continues the run in --out; --overwrite replaces it: not both")
     if problems:
@@ -306,6 +339,8 @@ def parse_args(argv=None) -> TrainConfig:
         if mode != "ct":
             p.error("--ict applies to --mode ct")
         merged.update(ICT_DEFAULTS)
+    if values.get("continuous"):
+        merged.update(CONTINUOUS_DEFAULTS)
     if args.ci:
         merged.update(CI_OVERRIDES)
     merged.update(values)

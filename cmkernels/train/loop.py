@@ -1,4 +1,5 @@
-"""The training loop: one Trainer for every mode (EDM teacher, CD, CT / iCT).
+"""The training loop: one Trainer for every mode (EDM teacher, CD, CT / iCT, and CD / CT in
+continuous time).
 
 Trainer(cfg) builds the run (data, model, teacher, optimizer, target network, EMAs, loss);
 train_step() is one optimiser step; run() is the loop with logging, checkpoints, samples, the
@@ -39,7 +40,9 @@ from cmkernels.checkpoint import (
 from cmkernels.data import load_dataset
 from cmkernels.diffusion import Denoiser
 from cmkernels.losses import (
+    AdaptiveWeight,
     ConsistencyLoss,
+    ContinuousConsistencyLoss,
     ConsistencySchedule,
     EDMLoss,
     ema_warmup_rates,
@@ -76,9 +79,15 @@ def build_model(cfg: TrainConfig, channels: int, image_size: int, num_classes: i
     return Denoiser(net, parameterization="edm" if cfg.mode == "edm" else "cm")
 
 
-def build_loss(cfg: TrainConfig, device: torch.device):
+def build_loss(cfg: TrainConfig, device: torch.device, weighting: nn.Module | None = None):
+    """The objective of cfg's mode; `weighting` is the learned AdaptiveWeight of
+    --adaptive-weight."""
     if cfg.mode == "edm":
         return EDMLoss()
+    if cfg.continuous:
+        return ContinuousConsistencyLoss(tangent_norm=cfg.tangent_norm,
+                                         tangent_warmup=cfg.tangent_warmup,
+                                         adaptive=weighting)  # fmt: skip
     ict = cfg.mode == "ct" and cfg.ict
     distance = cfg.distance
     if distance == "lpips":
@@ -94,6 +103,8 @@ def build_loss(cfg: TrainConfig, device: torch.device):
 
 def build_schedule(cfg: TrainConfig) -> ConsistencySchedule:
     kind = {"ct": "ict" if cfg.ict else "ct"}.get(cfg.mode, "cd")  # (EDM draws no grid points)
+    if cfg.continuous:
+        kind = "continuous"
     return ConsistencySchedule(kind, cfg.steps, cfg.num_scales, cfg.target_ema, cfg.ct_s0,
                                cfg.ct_s1, cfg.ct_mu0)  # fmt: skip
 
@@ -136,14 +147,17 @@ class Trainer:
                     "the teacher's weights; use the teacher's preset or --no-init-from-teacher"
                 ) from exc
         self.params = list(self.model.parameters())
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        # --adaptive-weight: sCM's learned log-variance w(t), trained with the model.
+        self.weighting = AdaptiveWeight().to(self.device) if cfg.adaptive_weight else None
+        extra = list(self.weighting.parameters()) if self.weighting is not None else []
+        self.opt = torch.optim.Adam(self.params + extra, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         # The target network f^- (CD/CT; updated with rate mu(k)) and the fp32 evaluation EMAs.
         self.target = None
         if cfg.mode in ("cd", "ct"):
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         self.ema = ops.EMA(self.model.net, cfg.ema_rates)
         self.schedule = build_schedule(cfg)
-        self.loss_fn = build_loss(cfg, self.device)
+        self.loss_fn = build_loss(cfg, self.device, self.weighting)
         self.forward = self.model
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -248,7 +262,8 @@ class Trainer:
             noise = torch.randn((B,) + tuple(x.shape[1:]), generator=gen)[sl].to(self.device)
             if self.channels_last:
                 noise = noise.contiguous(memory_format=torch.channels_last)
-            draws = {k: v[sl] for k, v in self.loss_fn.draw(B, gen, num_scales).items()}
+            draws = self.loss_fn.draw(B, gen, num_scales, step=self.step)
+            draws = {k: v[sl] for k, v in draws.items()}
             torch.manual_seed((c.seed * 7919 + self.step) * 131 + micro + 1_000_000 * d.rank)
             sync = micro == c.accum - 1 or d.world == 1
             ctx = self.forward.no_sync() if not sync else contextlib.nullcontext()
@@ -269,6 +284,10 @@ class Trainer:
                 f"good checkpoint is {self.out / 'last.pt'} (if one was written). Try a lower --lr "
                 "or --grad-clip."
             )
+        if self.weighting is not None and d.world > 1:  # not a DDP module: average by hand
+            for p in self.weighting.parameters():
+                if p.grad is not None:
+                    d.mean_(p.grad)
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
         self.opt.step()
@@ -279,7 +298,9 @@ class Trainer:
                 mu = self.schedule.target_rate(num_scales)
                 targets = [p.data for p in self.target.parameters()]
                 ops.ema_update_([p.detach() for p in self.params], [targets], [mu])
-                stats.update(num_scales=num_scales, target_ema=mu)
+                stats.update(target_ema=mu)
+                if not c.continuous:
+                    stats.update(num_scales=num_scales)
             self.ema.update(rates=ema_warmup_rates(c.ema_rates, self.step, c.ema_warmup))
         self.step += 1
         return stats
@@ -299,6 +320,7 @@ class Trainer:
             step=self.step,
             config=dataclasses.asdict(self.cfg),
             rng={"torch": torch.get_rng_state()},
+            **({"weighting": self.weighting.state_dict()} if self.weighting is not None else {}),
         )
 
     def save(self, name: str = "last.pt") -> Path:
@@ -339,6 +361,10 @@ class Trainer:
             if ckpt.get("target") is None:
                 raise TrainingError(f"{path} holds no target network (trained with another mode?)")
             self.target.net.load_state_dict(ckpt["target"])
+        if self.weighting is not None:
+            if ckpt.get("weighting") is None:
+                raise TrainingError(f"{path} holds no adaptive weighting (--adaptive-weight)")
+            self.weighting.load_state_dict(ckpt["weighting"])
         self.opt.load_state_dict(ckpt["optimizer"])
         rates = [str(r) for r in self.cfg.ema_rates]
         if sorted(ckpt["emas"]) != sorted(rates):
