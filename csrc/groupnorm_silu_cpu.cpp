@@ -1,6 +1,7 @@
-// GroupNorm (+ per-sample scale/shift) (+ SiLU) on the CPU, forward and backward. Some 600 lines:
-// one op's two kernels, which share the per-channel coefficients, the argument checks and the row
-// kernels (NCHW runs and NHWC rows, each with its fp32 baseline / AVX2 entry points).
+// GroupNorm (+ per-sample scale/shift) (+ SiLU) on the CPU: forward, backward and the forward-mode
+// JVP (y and its tangent in one call). Some 1,050 lines: one op's three kernels, which share the
+// per-channel coefficients, the argument checks and the row kernels (NCHW runs and NHWC rows, each
+// with its fp32 baseline / AVX2 entry points).
 //
 //   xhat = (x - mean_g) * rstd_g                       statistics per (sample, group), fp32 (fp64)
 //   a    = (xhat * w_c + b_c) * (1 + scale_nc) + shift_nc
@@ -11,6 +12,9 @@
 //   T1_nc = sum_hw g,  T2_nc = sum_hw g * xhat
 //   dshift_nc = T1,  dscale_nc = w T2 + b T1,  dbias_c = sum_n (1+s) T1,  dweight_c = sum_n (1+s) T2
 //   dx = rstd * ((1+s) w g - c1_ng - xhat c2_ng),  c1 = mean_g[(1+s) w T1 / HW], c2 = mean_g[(1+s) w T2 / HW]
+// JVP (tangents x', w', b', s', sh'; the derivation is above groupnorm_silu_jvp_cpu below): the
+// statistics pass adds sum x' and sum (x - pivot) x' to the forward's sums, and the output pass
+// writes y (the forward's, to the bit) and y' = silu'(h) (D x' + E (x - mean) + F) per (n, c).
 //
 // Layouts: NCHW (any number of spatial dims, flattened) and channels_last NHWC. Other strides are
 // copied to NCHW first (kept_layout). Outputs follow the layout that was used. The argument rules
@@ -20,8 +24,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <sstream>
 #include <cmath>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -253,11 +258,12 @@ struct Problem {
 
 // p is on x's device, in x's dtype or float32, and has one of the shapes.
 void check_param(const at::Tensor& p, const char* name, const at::Tensor& x,
-                 const std::vector<std::vector<int64_t>>& shapes) {
-  TORCH_CHECK_VALUE(p.device() == x.device(), "groupnorm_silu: ", name, " is on ", p.device(),
+                 const std::vector<std::vector<int64_t>>& shapes,
+                 const char* op = "groupnorm_silu") {
+  TORCH_CHECK_VALUE(p.device() == x.device(), op, ": ", name, " is on ", p.device(),
                     " but x is on ", x.device());
   TORCH_CHECK_TYPE(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat,
-                   "groupnorm_silu: ", name, " has dtype ", dtype_name(p.scalar_type()),
+                   op, ": ", name, " has dtype ", dtype_name(p.scalar_type()),
                    "; expected ", dtype_name(x.scalar_type()), " (the dtype of x) or float32");
   bool ok = false;
   std::ostringstream expected;
@@ -265,8 +271,17 @@ void check_param(const at::Tensor& p, const char* name, const at::Tensor& x,
     ok = ok || p.sizes() == at::IntArrayRef(shapes[i]);
     expected << (i ? " or " : "") << at::IntArrayRef(shapes[i]);
   }
-  TORCH_CHECK_VALUE(ok, "groupnorm_silu: ", name, " has shape ", p.sizes(), "; expected ",
-                    expected.str());
+  TORCH_CHECK_VALUE(ok, op, ": ", name, " has shape ", p.sizes(), "; expected ", expected.str());
+}
+
+// The accepted shapes of scale / shift: [N, C], and [N, C, 1, ...] with x's number of dims.
+std::vector<std::vector<int64_t>> per_sample_shapes(const at::Tensor& x) {
+  std::vector<std::vector<int64_t>> shapes = {{x.size(0), x.size(1)}};
+  if (x.dim() > 2) {
+    shapes.push_back({x.size(0), x.size(1)});
+    shapes.back().resize(x.dim(), 1);
+  }
+  return shapes;
 }
 
 // x [N, C, *spatial] float32 / float16 / bfloat16 / float64; groups dividing C; weight, bias [C];
@@ -282,11 +297,7 @@ Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const int64_t N = x.size(0), C = x.size(1);
   TORCH_CHECK_VALUE(groups > 0 && C % groups == 0, "groupnorm_silu: the number of channels (", C,
                     ") must be divisible by groups (", groups, ")");
-  std::vector<std::vector<int64_t>> per_sample = {{N, C}};
-  if (x.dim() > 2) {
-    per_sample.push_back({N, C});
-    per_sample.back().resize(x.dim(), 1);
-  }
+  const auto per_sample = per_sample_shapes(x);
   check_param(weight, "weight", x, {{C}});
   check_param(bias, "bias", x, {{C}});
   if (scale) check_param(*scale, "scale", x, per_sample);
@@ -584,11 +595,467 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm
   return {dx, grad_weight, grad_bias, grad_scale, grad_shift};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Forward-mode AD: y and its tangent y' in one call (groupnorm_silu_jvp).
+//
+// For a group with mean m, rstd r, n = (x - m) r, and tangents x', w', b', s' (of scale), sh':
+//   mean(x') = mu_t,  cov = mean((x - m) x')                  (over the group)
+//   n' = r (x' - mu_t - n r cov)
+//   h  = (n w + b) s1 + sh = A x + B                           (s1 = 1 + scale; the forward's)
+//   h' = s1 (w n' + w' n + b') + s' (w n + b) + sh' = D x' + E (x - m) + F,  per (n, c):
+//     D = s1 w r,  E = (s1 w' + s' w) r - s1 w r^3 cov,  F = s1 (b' - w r mu_t) + s' b + sh'
+//   y  = silu(h),  y' = silu'(h) h',  silu'(h) = s (1 + h (1 - s)), s = sigmoid(h).
+// The statistics come from shifted sums (pivot p, the group's first element):
+//   sum(x - p), sum((x - p)^2), sum x', sum (x - p) x'  ->  cov = sum((x - p) x') / M - (m - p) mu_t.
+
+// (silu(a), silu'(a)): silu(a) rounded exactly as cpu_math.h's silu() rounds it (the same t, the
+// same division), so y is the forward's to the bit.
+CMK_INLINE float silu_jvp(float a, float& ds) {
+  const int32_t abits = std::bit_cast<int32_t>(a) & 0x7fffffff;
+  const float m = std::bit_cast<float>(abits < 0x42ae0000 ? abits : 0x42ae0000);  // min(|a|, 87)
+  const float t = exp_nonpositive(-m);
+  const float d = 1.0f + t;
+  const float inv = 1.0f / d;
+  const bool pos = a >= 0.0f;
+  const float s = (pos ? 1.0f : t) * inv;    // sigmoid(a)
+  const float oms = (pos ? t : 1.0f) * inv;  // 1 - sigmoid(a), without the cancellation
+  ds = s * (1.0f + a * oms);
+  return (pos ? a : a * t) / d;
+}
+CMK_INLINE double silu_jvp(double a, double& ds) {
+  const double s = sigmoid(a);
+  ds = s * (1.0 + a * (1.0 - s));
+  return a * s;  // silu(double)
+}
+
+// y = act(h); returns y' = act'(h) h'.
+template <bool ACT, typename acc_t>
+CMK_INLINE acc_t act_jvp(acc_t h, acc_t ht, acc_t& y) {
+  if constexpr (!ACT) {
+    y = h;
+    return ht;
+  } else {
+    acc_t ds;
+    y = silu_jvp(h, ds);
+    return ds * ht;
+  }
+}
+
+// Four shifted sums of a contiguous run of x and x' (double across blocks, acc_t within short
+// blocks, as shifted_sums does for the first two).
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void jvp_sums(const scalar_t* x, const scalar_t* tx, int64_t n, acc_t pivot, double& s,
+                         double& ss, double& st, double& sxt) {
+  constexpr int64_t kBlock = 256;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(n, i0 + kBlock);
+    acc_t bs = 0, bss = 0, bt = 0, bxt = 0;
+#pragma omp simd reduction(+ : bs, bss, bt, bxt)
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t v = static_cast<acc_t>(x[i]) - pivot;
+      const acc_t t = static_cast<acc_t>(tx[i]);
+      bs += v;
+      bss += v * v;
+      bt += t;
+      bxt += v * t;
+    }
+    s += bs;
+    ss += bss;
+    st += bt;
+    sxt += bxt;
+  }
+}
+
+// Per-(n, c) coefficients of the output pass: h = A x + B, h' = D x' + E (x - m) + F.
+template <typename acc_t>
+struct JvpCoeffs {
+  acc_t A, B, D, E, F, m;
+};
+
+// NCHW output pass over a contiguous run of one channel (tx may be null: no x' term).
+template <bool ACT, bool TX, typename scalar_t, typename acc_t>
+CMK_INLINE void jvp_run_t(const scalar_t* x, const scalar_t* tx, scalar_t* y, scalar_t* ty,
+                          int64_t n, JvpCoeffs<acc_t> k) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t h = k.A * xv + k.B;
+    acc_t ht = k.E * (xv - k.m) + k.F;
+    if constexpr (TX) ht += k.D * static_cast<acc_t>(tx[i]);
+    acc_t yv;
+    const acc_t tv = act_jvp<ACT>(h, ht, yv);
+    y[i] = static_cast<scalar_t>(yv);
+    ty[i] = static_cast<scalar_t>(tv);
+  }
+}
+
+// NHWC output pass over the C channels of one pixel; per-channel coefficient arrays.
+template <bool ACT, bool TX, typename scalar_t, typename acc_t>
+CMK_INLINE void jvp_row_t(const scalar_t* x, const scalar_t* tx, scalar_t* y, scalar_t* ty,
+                          int64_t C, const acc_t* A, const acc_t* B, const acc_t* D,
+                          const acc_t* E, const acc_t* F, const acc_t* m) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t xv = static_cast<acc_t>(x[c]);
+    const acc_t h = A[c] * xv + B[c];
+    acc_t ht = E[c] * (xv - m[c]) + F[c];
+    if constexpr (TX) ht += D[c] * static_cast<acc_t>(tx[c]);
+    acc_t yv;
+    const acc_t tv = act_jvp<ACT>(h, ht, yv);
+    y[c] = static_cast<scalar_t>(yv);
+    ty[c] = static_cast<scalar_t>(tv);
+  }
+}
+
+// Runtime flags -> template arguments.
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void jvp_run(const scalar_t* x, const scalar_t* tx, scalar_t* y, scalar_t* ty,
+                        int64_t n, JvpCoeffs<acc_t> k, bool act) {
+  if (act) {
+    if (tx) jvp_run_t<true, true>(x, tx, y, ty, n, k);
+    else jvp_run_t<true, false>(x, tx, y, ty, n, k);
+  } else {
+    if (tx) jvp_run_t<false, true>(x, tx, y, ty, n, k);
+    else jvp_run_t<false, false>(x, tx, y, ty, n, k);
+  }
+}
+template <typename scalar_t, typename acc_t>
+CMK_INLINE void jvp_row(const scalar_t* x, const scalar_t* tx, scalar_t* y, scalar_t* ty,
+                        int64_t C, const acc_t* A, const acc_t* B, const acc_t* D, const acc_t* E,
+                        const acc_t* F, const acc_t* m, bool act) {
+  if (act) {
+    if (tx) jvp_row_t<true, true>(x, tx, y, ty, C, A, B, D, E, F, m);
+    else jvp_row_t<true, false>(x, tx, y, ty, C, A, B, D, E, F, m);
+  } else {
+    if (tx) jvp_row_t<false, true>(x, tx, y, ty, C, A, B, D, E, F, m);
+    else jvp_row_t<false, false>(x, tx, y, ty, C, A, B, D, E, F, m);
+  }
+}
+
+// fp32 entry points (baseline / AVX2), as for the forward; with the activation on, the AVX2 code
+// computes y with silu8's exact steps, so it matches the forward's AVX2 output to the bit.
+CMK_DISPATCHED(jvp_sums,
+               (const float* x, const float* tx, int64_t n, float p, double& s, double& ss,
+                double& st, double& sxt),
+               (x, tx, n, p, s, ss, st, sxt), (jvp_sums<float, float>(x, tx, n, p, s, ss, st, sxt)))
+#if CMK_HAVE_AVX2_PATH
+// (silu(a), silu'(a)) for 8 floats. t = exp(-a) by silu8's steps (cpu_math.h; keep the two in
+// step: a test compares y with the forward's bit for bit), then y = a / (1 + t) as silu8 returns
+// it, s = 1 / (1 + t) and silu'(a) = s (1 + a (1 - s)) = s (1 + t y) (1 - s = t s, a s = y).
+CMK_TARGET_AVX2 CMK_INLINE __m256 silu_jvp8(__m256 a, __m256& ds) {
+  const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), a),
+                                               _mm256_set1_ps(-86.0f)),
+                                 _mm256_set1_ps(86.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), z);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC1), r, _mm256_set1_ps(kExpC0));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC3), r, _mm256_set1_ps(kExpC2));
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
+  const __m256 p = _mm256_fmadd_ps(r2, _mm256_fmadd_ps(r2, p45, p23), p01);
+  const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 t = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 d = _mm256_add_ps(one, t);
+  const __m256 y = _mm256_div_ps(a, d);
+  const __m256 s = _mm256_div_ps(one, d);
+  ds = _mm256_mul_ps(s, _mm256_fmadd_ps(t, y, one));
+  return y;
+}
+
+CMK_TARGET_AVX2 static void jvp_run_f32_avx2(const float* x, const float* tx, float* y, float* ty,
+                                             int64_t n, JvpCoeffs<float> k, bool act) {
+  if (!act) return jvp_run<float, float>(x, tx, y, ty, n, k, act);
+  const __m256 va = _mm256_set1_ps(k.A), vb = _mm256_set1_ps(k.B), vd = _mm256_set1_ps(k.D);
+  const __m256 ve = _mm256_set1_ps(k.E), vf = _mm256_set1_ps(k.F), vm = _mm256_set1_ps(k.m);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 h = _mm256_fmadd_ps(va, xv, vb);
+    __m256 ht = _mm256_fmadd_ps(ve, _mm256_sub_ps(xv, vm), vf);
+    if (tx) ht = _mm256_fmadd_ps(vd, _mm256_loadu_ps(tx + i), ht);
+    __m256 ds;
+    _mm256_storeu_ps(y + i, silu_jvp8(h, ds));
+    _mm256_storeu_ps(ty + i, _mm256_mul_ps(ds, ht));
+  }
+  jvp_run<float, float>(x + i, tx ? tx + i : nullptr, y + i, ty + i, n - i, k, act);
+}
+
+CMK_TARGET_AVX2 static void jvp_row_f32_avx2(const float* x, const float* tx, float* y, float* ty,
+                                             int64_t C, const float* A, const float* B,
+                                             const float* D, const float* E, const float* F,
+                                             const float* m, bool act) {
+  if (!act) return jvp_row<float, float>(x, tx, y, ty, C, A, B, D, E, F, m, act);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + c);
+    const __m256 h = _mm256_fmadd_ps(_mm256_loadu_ps(A + c), xv, _mm256_loadu_ps(B + c));
+    __m256 ht = _mm256_fmadd_ps(_mm256_loadu_ps(E + c), _mm256_sub_ps(xv, _mm256_loadu_ps(m + c)),
+                                _mm256_loadu_ps(F + c));
+    if (tx) ht = _mm256_fmadd_ps(_mm256_loadu_ps(D + c), _mm256_loadu_ps(tx + c), ht);
+    __m256 ds;
+    _mm256_storeu_ps(y + c, silu_jvp8(h, ds));
+    _mm256_storeu_ps(ty + c, _mm256_mul_ps(ds, ht));
+  }
+  jvp_row<float, float>(x + c, tx ? tx + c : nullptr, y + c, ty + c, C - c, A + c, B + c, D + c,
+                        E + c, F + c, m + c, act);
+}
+
+static void jvp_run(const float* x, const float* tx, float* y, float* ty, int64_t n,
+                    JvpCoeffs<float> k, bool act) {
+  if (cpu_has_avx2()) jvp_run_f32_avx2(x, tx, y, ty, n, k, act);
+  else jvp_run<float, float>(x, tx, y, ty, n, k, act);
+}
+static void jvp_row(const float* x, const float* tx, float* y, float* ty, int64_t C,
+                    const float* A, const float* B, const float* D, const float* E,
+                    const float* F, const float* m, bool act) {
+  if (cpu_has_avx2()) jvp_row_f32_avx2(x, tx, y, ty, C, A, B, D, E, F, m, act);
+  else jvp_row<float, float>(x, tx, y, ty, C, A, B, D, E, F, m, act);
+}
+#else
+CMK_DISPATCHED(jvp_run,
+               (const float* x, const float* tx, float* y, float* ty, int64_t n,
+                JvpCoeffs<float> k, bool act),
+               (x, tx, y, ty, n, k, act), (jvp_run<float, float>(x, tx, y, ty, n, k, act)))
+CMK_DISPATCHED(jvp_row,
+               (const float* x, const float* tx, float* y, float* ty, int64_t C, const float* A,
+                const float* B, const float* D, const float* E, const float* F, const float* m,
+                bool act),
+               (x, tx, y, ty, C, A, B, D, E, F, m, act),
+               (jvp_row<float, float>(x, tx, y, ty, C, A, B, D, E, F, m, act)))
+#endif
+
+// The rules of check_jvp_inputs in cmkernels/ops/groupnorm_silu/checks.py: the forward's on the
+// primals; tx with x's shape, dtype and device; each parameter tangent given only with its primal
+// and following its primal's rule.
+Problem check_jvp_inputs(const at::Tensor& x, const std::optional<at::Tensor>& tx,
+                         const at::Tensor& weight, const std::optional<at::Tensor>& tweight,
+                         const at::Tensor& bias, const std::optional<at::Tensor>& tbias,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& tscale,
+                         const std::optional<at::Tensor>& shift,
+                         const std::optional<at::Tensor>& tshift, int64_t groups) {
+  const Problem p = check_inputs(x, weight, bias, scale, shift, groups);
+  constexpr const char* op = "groupnorm_silu_jvp";
+  if (tx) {
+    TORCH_CHECK_VALUE(tx->sizes() == x.sizes(), op, ": tx has shape ", tx->sizes(),
+                      " but x has shape ", x.sizes());
+    TORCH_CHECK_TYPE(tx->scalar_type() == x.scalar_type(), op, ": tx has dtype ",
+                     dtype_name(tx->scalar_type()), " but x has dtype ",
+                     dtype_name(x.scalar_type()));
+    TORCH_CHECK_VALUE(tx->device() == x.device(), op, ": tx is on ", tx->device(),
+                      " but x is on ", x.device());
+  }
+  const auto per_sample = per_sample_shapes(x);
+  const std::vector<std::vector<int64_t>> per_channel = {{x.size(1)}};
+  struct Entry {
+    const char* name;
+    const std::optional<at::Tensor>* tangent;
+    bool has_primal;
+    const std::vector<std::vector<int64_t>>* shapes;
+  };
+  for (const Entry& e : {Entry{"weight", &tweight, true, &per_channel},
+                         Entry{"bias", &tbias, true, &per_channel},
+                         Entry{"scale", &tscale, scale.has_value(), &per_sample},
+                         Entry{"shift", &tshift, shift.has_value(), &per_sample}}) {
+    if (!e.tangent->has_value()) continue;
+    TORCH_CHECK_VALUE(e.has_primal, op, ": t", e.name, " is given but ", e.name, " is None");
+    check_param(**e.tangent, (std::string("t") + e.name).c_str(), x, *e.shapes, op);
+  }
+  return p;
+}
+
+// The tangents of the parameters in accumulation precision, zeros where absent: w', b' [C];
+// s' (of scale), sh' [N, C].
+template <typename acc_t>
+struct ParamTangents {
+  std::vector<acc_t> w, b, s, sh;
+};
+
+template <typename acc_t>
+ParamTangents<acc_t> gather_tangents(const Problem& p, const std::optional<at::Tensor>& tweight,
+                                     const std::optional<at::Tensor>& tbias,
+                                     const std::optional<at::Tensor>& tscale,
+                                     const std::optional<at::Tensor>& tshift) {
+  const auto dt = c10::CppTypeToScalarType<acc_t>::value;
+  auto vec = [&](const std::optional<at::Tensor>& t, int64_t n) -> std::vector<acc_t> {
+    if (!t) return std::vector<acc_t>(n, acc_t(0));
+    auto c = t->detach().to(dt).contiguous();
+    const acc_t* ptr = c.template const_data_ptr<acc_t>();
+    return std::vector<acc_t>(ptr, ptr + c.numel());
+  };
+  return {vec(tweight, p.C), vec(tbias, p.C), vec(tscale, p.N * p.C), vec(tshift, p.N * p.C)};
+}
+
+template <typename scalar_t, typename acc_t>
+void jvp_impl(const Problem& p, const scalar_t* x, const scalar_t* tx /* may be null */,
+              scalar_t* y, scalar_t* ty, acc_t* mean_out, acc_t* rstd_out,
+              const Params<acc_t>& prm, const ParamTangents<acc_t>& tan, double eps,
+              bool activation) {
+  const int64_t M = p.cpg * p.HW;  // elements per group
+  // The group's statistics from its four shifted sums (s, ss as the forward computes them).
+  auto group_stats = [&](double s, double ss, double st, double sxt, acc_t pivot, acc_t& mean,
+                         acc_t& rstd, acc_t& mu_t, acc_t& r3cov) {
+    const double m = s / M, var = std::max(ss / M - m * m, 0.0);
+    mean = static_cast<acc_t>(pivot + m);
+    rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+    const double mt = st / M, cov = sxt / M - m * mt;
+    const double r = static_cast<double>(rstd);
+    mu_t = static_cast<acc_t>(mt);
+    r3cov = static_cast<acc_t>(r * r * r * cov);
+  };
+  auto coeffs = [&](int64_t n, int64_t c, acc_t mean, acc_t rstd, acc_t mu_t, acc_t r3cov) {
+    const int64_t nc = n * p.C + c;
+    const acc_t w = prm.w[c], s1 = prm.s1[nc];
+    JvpCoeffs<acc_t> k;
+    k.A = rstd * prm.w[c] * prm.s1[nc];  // A, B: the forward's expressions
+    k.B = (prm.b[c] - mean * rstd * prm.w[c]) * prm.s1[nc] + prm.sh[nc];
+    k.D = s1 * w * rstd;
+    k.E = (s1 * tan.w[c] + tan.s[nc] * w) * rstd - s1 * w * r3cov;
+    k.F = s1 * (tan.b[c] - w * rstd * mu_t) + tan.s[nc] * prm.b[c] + tan.sh[nc];
+    k.m = mean;
+    return k;
+  };
+  if (!p.channels_last) {
+    at::parallel_for(0, p.N * p.G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / p.G, g = ng % p.G;
+        const scalar_t* xg = x + ng * M;
+        const scalar_t* txg = tx ? tx + ng * M : nullptr;
+        double s = 0, ss = 0, st = 0, sxt = 0;
+        const acc_t pivot = M > 0 ? static_cast<acc_t>(xg[0]) : acc_t(0);
+        if (txg) jvp_sums(xg, txg, M, pivot, s, ss, st, sxt);
+        else shifted_sums(xg, M, pivot, s, ss);
+        acc_t mean, rstd, mu_t, r3cov;
+        group_stats(s, ss, st, sxt, pivot, mean, rstd, mu_t, r3cov);
+        mean_out[ng] = mean;
+        rstd_out[ng] = rstd;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t off = ng * M + cl * p.HW;
+          jvp_run(x + off, txg ? tx + off : nullptr, y + off, ty + off, p.HW,
+                  coeffs(n, g * p.cpg + cl, mean, rstd, mu_t, r3cov), activation);
+        }
+      }
+    });
+    return;
+  }
+  // NHWC: per sample, channel sums over pixels, then group statistics, then one output pass.
+  at::parallel_for(0, p.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(p.C), css(p.C), cst(p.C), csxt(p.C);
+    std::vector<acc_t> A(p.C), B(p.C), D(p.C), E(p.C), F(p.C), Mc(p.C), pivot(p.C);
+    std::vector<acc_t> bs(p.C), bss(p.C), bt(p.C), bxt(p.C);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* xn = x + n * p.HW * p.C;
+      const scalar_t* txn = tx ? tx + n * p.HW * p.C : nullptr;
+      for (auto* v : {&cs, &css, &cst, &csxt}) std::fill(v->begin(), v->end(), 0.0);
+      for (int64_t g = 0; g < p.G; ++g)  // one pivot per group: its first element
+        for (int64_t cl = 0; cl < p.cpg; ++cl)
+          pivot[g * p.cpg + cl] = p.HW ? static_cast<acc_t>(xn[g * p.cpg]) : acc_t(0);
+      constexpr int64_t kRows = 64;  // acc_t partial sums over short row blocks
+      for (int64_t h0 = 0; h0 < p.HW; h0 += kRows) {
+        for (auto* v : {&bs, &bss, &bt, &bxt}) std::fill(v->begin(), v->end(), acc_t(0));
+        const int64_t h1 = std::min(p.HW, h0 + kRows);
+        for (int64_t hw = h0; hw < h1; ++hw) {
+          const scalar_t* row = xn + hw * p.C;
+          if (txn) {
+            const scalar_t* trow = txn + hw * p.C;
+#pragma omp simd
+            for (int64_t c = 0; c < p.C; ++c) {
+              const acc_t v = static_cast<acc_t>(row[c]) - pivot[c];
+              const acc_t t = static_cast<acc_t>(trow[c]);
+              bs[c] += v;
+              bss[c] += v * v;
+              bt[c] += t;
+              bxt[c] += v * t;
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < p.C; ++c) {
+              const acc_t v = static_cast<acc_t>(row[c]) - pivot[c];
+              bs[c] += v;
+              bss[c] += v * v;
+            }
+          }
+        }
+        for (int64_t c = 0; c < p.C; ++c) {
+          cs[c] += bs[c];
+          css[c] += bss[c];
+          cst[c] += bt[c];
+          csxt[c] += bxt[c];
+        }
+      }
+      for (int64_t g = 0; g < p.G; ++g) {
+        double s = 0, ss = 0, st = 0, sxt = 0;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl;
+          s += cs[c];
+          ss += css[c];
+          st += cst[c];
+          sxt += csxt[c];
+        }
+        acc_t mean, rstd, mu_t, r3cov;
+        group_stats(s, ss, st, sxt, pivot[g * p.cpg], mean, rstd, mu_t, r3cov);
+        mean_out[n * p.G + g] = mean;
+        rstd_out[n * p.G + g] = rstd;
+        for (int64_t cl = 0; cl < p.cpg; ++cl) {
+          const int64_t c = g * p.cpg + cl;
+          const JvpCoeffs<acc_t> k = coeffs(n, c, mean, rstd, mu_t, r3cov);
+          A[c] = k.A;
+          B[c] = k.B;
+          D[c] = k.D;
+          E[c] = k.E;
+          F[c] = k.F;
+          Mc[c] = k.m;
+        }
+      }
+      for (int64_t hw = 0; hw < p.HW; ++hw) {
+        const int64_t off = (n * p.HW + hw) * p.C;
+        jvp_row(x + off, txn ? tx + off : nullptr, y + off, ty + off, p.C, A.data(), B.data(),
+                D.data(), E.data(), F.data(), Mc.data(), activation);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_jvp_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& tx_in, const at::Tensor& weight,
+    const std::optional<at::Tensor>& tweight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& tbias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& tscale, const std::optional<at::Tensor>& shift,
+    const std::optional<at::Tensor>& tshift, int64_t groups, double eps, bool activation) {
+  const Problem p = check_jvp_inputs(x_in, tx_in, weight, tweight, bias, tbias, scale, tscale,
+                                     shift, tshift, groups);
+  const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor tx = tx_in ? tx_in->contiguous(fmt) : at::Tensor();  // in x's layout
+  const auto stat_dtype = opmath_dtype(x.scalar_type());
+  at::Tensor y = at::empty_like(x, fmt);
+  at::Tensor ty = at::empty_like(x, fmt);
+  at::Tensor mean = at::empty({p.N, p.G}, x.options().dtype(stat_dtype));
+  at::Tensor rstd = at::empty({p.N, p.G}, x.options().dtype(stat_dtype));
+  if (x.numel() == 0) return {y, ty, mean.zero_(), rstd.fill_(1.0 / std::sqrt(eps))};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "groupnorm_silu_jvp_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto prm = gather_params<acc_t>(p, weight, bias, scale, shift);
+    const auto tan = gather_tangents<acc_t>(p, tweight, tbias, tscale, tshift);
+    jvp_impl<scalar_t, acc_t>(p, x.const_data_ptr<scalar_t>(),
+                              tx.defined() ? tx.const_data_ptr<scalar_t>() : nullptr,
+                              y.mutable_data_ptr<scalar_t>(), ty.mutable_data_ptr<scalar_t>(),
+                              mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), prm,
+                              tan, eps, activation);
+  });
+  return {y, ty, mean, rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cmkernels, CPU, m) {
   m.impl("groupnorm_silu", &groupnorm_silu_cpu);
   m.impl("groupnorm_silu_backward", &groupnorm_silu_backward_cpu);
+  m.impl("groupnorm_silu_jvp", &groupnorm_silu_jvp_cpu);
 }
 
 }  // namespace cmkernels

@@ -13,6 +13,12 @@ TORCH_LIBRARY(cmkernels, m) {
       "groupnorm_silu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? scale, "
       "Tensor? shift, Tensor mean, Tensor rstd, int groups, bool activation) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Forward-mode AD in one pass: y and its tangent ty for tangents tx, tweight, tbias, tscale,
+  // tshift (each optional: None is a zero tangent); returns (y, ty, mean, rstd).
+  m.def(
+      "groupnorm_silu_jvp(Tensor x, Tensor? tx, Tensor weight, Tensor? tweight, Tensor bias, "
+      "Tensor? tbias, Tensor? scale, Tensor? tscale, Tensor? shift, Tensor? tshift, int groups, "
+      "float eps, bool activation) -> (Tensor, Tensor, Tensor, Tensor)");
   // Multi-head self-attention on the packed layout: qkv [B, 3*H*d, T], channel order (three, heads,
   // head_dim) -> (out [B, H*d, T], lse [B, H, T] fp32: logsumexp of each softmax row).
   // Kernels: CPU and CUDA (Triton) both register from Python (cmkernels/ops/attention/).

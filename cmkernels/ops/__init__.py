@@ -13,12 +13,17 @@ from cmkernels.ops.attention import (
     attention_ref,
 )
 from cmkernels.ops.ema import EMA, ema_update_, ema_update_ref_
-from cmkernels.ops.groupnorm_silu import groupnorm_silu, groupnorm_silu_ref
+from cmkernels.ops.groupnorm_silu import (
+    groupnorm_silu,
+    groupnorm_silu_ref,
+    groupnorm_silu_with_tangent,
+)
 from cmkernels.ops.heun_step import heun_step1, heun_step1_ref, heun_step2, heun_step2_ref
 
 __all__ = [
     "groupnorm_silu",
     "groupnorm_silu_ref",
+    "groupnorm_silu_with_tangent",
     "attention",
     "attention_ref",
     "attention_bhtd",

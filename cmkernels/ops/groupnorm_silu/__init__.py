@@ -6,19 +6,23 @@ that in ~6 kernels and ~9x the minimal memory traffic. Here it is one pass (read
 group fits one program, and a two-stage reduction where it does not.
 
 Where things are:
-- ``reference.py``: ``groupnorm_silu_ref``, the pure-PyTorch reference (fp32, or fp64 for fp64).
+- ``reference.py``: ``groupnorm_silu_ref``, the pure-PyTorch reference (fp32, or fp64 for fp64),
+  and ``groupnorm_silu_tangent_ref``, the tangent formula of forward-mode AD.
 - ``checks.py``: the argument rules and the layout rule, shared by every path below and by the C++
   kernels (csrc/groupnorm_silu_cpu.cpp).
 - ``epilogue.py``: the backward's math from the per-(n, c) sums (group means, parameter grads).
 - ``triton_kernels.py``: the Triton kernels; ``launch.py``: the launchers
-  ``groupnorm_silu_triton`` / ``groupnorm_silu_backward_triton``, the ops' CUDA kernels (also
-  runnable on CPU tensors under ``TRITON_INTERPRET=1``, as the tests do).
-- ``fallback.py``: ``groupnorm_silu_fallback`` / ``groupnorm_silu_backward_fallback``, the CPU
-  kernels in PyTorch used when the compiled extension is missing.
-- here: ``torch.ops.cmkernels.groupnorm_silu`` / ``groupnorm_silu_backward`` (schemas in
-  csrc/ops.cpp, CPU kernels in csrc/groupnorm_silu_cpu.cpp, CUDA kernels = the Triton launchers),
-  fake kernels and autograd; ``_GroupNormSiLUJvp``, the forward-mode AD route (the tangent in
-  plain PyTorch, section 11 of the spec); ``groupnorm_silu``, the public entry point returning y.
+  ``groupnorm_silu_triton`` / ``groupnorm_silu_backward_triton`` / ``groupnorm_silu_jvp_triton``,
+  the ops' CUDA kernels (also runnable on CPU tensors under ``TRITON_INTERPRET=1``, as the tests
+  do).
+- ``fallback.py``: ``groupnorm_silu_fallback`` / ``groupnorm_silu_backward_fallback`` /
+  ``groupnorm_silu_jvp_fallback``, the CPU kernels in PyTorch used when the compiled extension is
+  missing.
+- here: ``torch.ops.cmkernels.groupnorm_silu`` / ``groupnorm_silu_backward`` /
+  ``groupnorm_silu_jvp`` (schemas in csrc/ops.cpp, CPU kernels in csrc/groupnorm_silu_cpu.cpp,
+  CUDA kernels = the Triton launchers), fake kernels and autograd; the forward-mode AD routes
+  (section 11 of the spec: one fused launch for y and its tangent); ``groupnorm_silu``, the public
+  entry point returning y, and ``groupnorm_silu_with_tangent``, the explicit (y, ty) form.
 """
 
 from __future__ import annotations
@@ -26,17 +30,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cmkernels.ops.common import FORWARD_AD_EAGER_ONLY, acc_dtype, has_tangent
-from cmkernels.ops.groupnorm_silu.checks import check_backward_inputs, check_inputs, layout
+from cmkernels.ops.common import FORWARD_AD_EAGER_ONLY, acc_dtype, has_tangent, split_duals
+from cmkernels.ops.groupnorm_silu.checks import (
+    check_backward_inputs,
+    check_inputs,
+    check_jvp_inputs,
+    layout,
+)
 from cmkernels.ops.groupnorm_silu.fallback import (
     groupnorm_silu_backward_fallback,
     groupnorm_silu_fallback,
+    groupnorm_silu_jvp_fallback,
 )
 from cmkernels.ops.groupnorm_silu.launch import (
     groupnorm_silu_backward_triton,
+    groupnorm_silu_jvp_triton,
     groupnorm_silu_triton,
 )
-from cmkernels.ops.groupnorm_silu.reference import groupnorm_silu_ref
+from cmkernels.ops.groupnorm_silu.reference import groupnorm_silu_ref, groupnorm_silu_tangent_ref
 from cmkernels.ops.registry import define_op
 from cmkernels.ops.triton_support import HAS_TRITON
 
@@ -49,19 +60,29 @@ BACKWARD_SCHEMA = (
     "Tensor mean, Tensor rstd, int groups, bool activation) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+JVP_SCHEMA = (
+    "(Tensor x, Tensor? tx, Tensor weight, Tensor? tweight, Tensor bias, Tensor? tbias, "
+    "Tensor? scale, Tensor? tscale, Tensor? shift, Tensor? tshift, int groups, float eps, "
+    "bool activation) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 __all__ = [
     "groupnorm_silu",
+    "groupnorm_silu_with_tangent",
     "groupnorm_silu_ref",
-    "groupnorm_silu_jvp",
+    "groupnorm_silu_tangent_ref",
     "groupnorm_silu_triton",
     "groupnorm_silu_backward_triton",
+    "groupnorm_silu_jvp_triton",
     "groupnorm_silu_fallback",
     "groupnorm_silu_backward_fallback",
+    "groupnorm_silu_jvp_fallback",
     "check_inputs",
     "check_backward_inputs",
+    "check_jvp_inputs",
     "SCHEMA",
     "BACKWARD_SCHEMA",
+    "JVP_SCHEMA",
 ]
 
 _forward_op = define_op(
@@ -75,6 +96,12 @@ _backward_op = define_op(
     BACKWARD_SCHEMA,
     groupnorm_silu_backward_fallback,
     kernels={"cuda": groupnorm_silu_backward_triton} if HAS_TRITON else None,
+)
+_jvp_op = define_op(
+    "groupnorm_silu_jvp",
+    JVP_SCHEMA,
+    groupnorm_silu_jvp_fallback,
+    kernels={"cuda": groupnorm_silu_jvp_triton} if HAS_TRITON else None,
 )
 
 
@@ -95,6 +122,20 @@ def _backward_fake(grad_y, x, weight, bias, scale, shift, mean, rstd, groups, ac
         bias.new_empty(bias.shape),
         scale.new_empty(scale.shape) if scale is not None else empty,
         shift.new_empty(shift.shape) if shift is not None else empty,
+    )
+
+
+@torch.library.register_fake("cmkernels::groupnorm_silu_jvp")
+def _jvp_fake(x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps,
+              activation):  # fmt: skip
+    check_jvp_inputs(x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups)
+    stats = x.new_empty(x.shape[0], groups, dtype=acc_dtype(x))
+    fmt = layout(x)
+    return (
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(x, memory_format=fmt),
+        stats,
+        torch.empty_like(stats),
     )
 
 
@@ -130,59 +171,78 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------------------------------------------
 # Forward-mode AD. torch.library has no forward-AD registration: a registered op called on dual
-# tensors (torch.func.jvp or forward_ad) returns a tangent-less output. Such calls go through this
-# autograd.Function instead: forward = the registered op, backward = the registered backward op,
-# jvp = the spec's formula (section 11) in plain PyTorch, in the accumulation dtype (fp32, fp64 for
-# fp64), from the forward's saved mean / rstd. Not a fused kernel yet: it reads x, x' and writes
-# y' with several eager kernels.
+# tensors (torch.func.jvp or forward_ad) returns a tangent-less output. The public entry point
+# therefore routes such calls itself (``_groupnorm_silu_forward_ad``):
+# - the direct route: where ``split_duals`` finds one plain forward-AD level and no reverse-mode
+#   recording (torch.func.jvp under torch.no_grad(), dual tensors without requires_grad), one call
+#   of the fused op on the primals and tangents, re-wrapped with forward_ad.make_dual;
+# - where two or more torch.func grad / jvp levels are stacked (jvp of jvp, grad of a tangent;
+#   also without a tangent at the innermost level: jvp of a grad, grad of a grad): the op in
+#   differentiable PyTorch (``_groupnorm_silu_composite``). The outer level differentiates the
+#   tangent (or the gradient) itself, which neither the fused ops (no derivatives of their own)
+#   nor an autograd.Function's jvp (torch.func takes its output as a constant for outer levels)
+#   can serve;
+# - otherwise the autograd.Function ``_GroupNormSiLUJvp``: forward = the registered op, backward
+#   = the registered backward op, jvp = the fused op's ty (its y goes unused); it composes with
+#   vmap (the generated rule; the ops run once per sample) and with reverse mode on y (dual
+#   tensors that require grad, torch.func.jvp in grad mode). A gradient through ty there reaches
+#   the fused op's autograd kernel, which raises.
 
 
-def groupnorm_silu_jvp(x, weight, bias, scale, shift, mean, rstd, groups, activation,
-                       tx, tw, tb, ts, tsh):  # fmt: skip
-    """y' of y = groupnorm_silu(x, ...) for tangents tx, tw, tb, ts, tsh (any may be None: zero),
-    given the forward's mean / rstd [N, groups]; in x's dtype and output layout.
+def _jvp_no_backward(ctx, *grads):
+    raise RuntimeError(
+        "cmkernels::groupnorm_silu_jvp has no reverse-mode derivative: differentiate "
+        "groupnorm_silu (whose tangent under torch.func.jvp / forward_ad comes from this op) "
+        "instead of calling groupnorm_silu_with_tangent or the op directly"
+    )
 
-    n = (x - m) r;  n' = r (x' - mean(x') - n mean(n x'))   (means over the group)
-    h = (n w + b)(1 + scale) + shift
-    h' = (n' w + n w' + b')(1 + scale) + (n w + b) scale' + shift'
-    y = silu(h);  y' = s(h) (1 + h (1 - s(h))) h'   (s the sigmoid)
-    """
+
+def _jvp_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "cmkernels::groupnorm_silu_jvp", _jvp_no_backward, setup_context=_jvp_setup_context
+)
+
+
+def _nested_levels(*tensors: Tensor | None) -> bool:
+    """Whether two or more torch.func grad / jvp levels wrap tensors (jvp of jvp, grad of a jvp,
+    jvp of a grad, or a grad over the parameters of a jvp over x); vmap's levels do not count."""
+    fc = torch._C._functorch
+    if fc.maybe_current_level() is None:  # no transform active: the fast answer
+        return False
+    levels = set()
+    for t in tensors:
+        while t is not None:
+            if fc.is_batchedtensor(t):
+                t = fc.get_unwrapped(t)
+            elif fc.is_functorch_wrapped_tensor(t):
+                levels.add(fc.maybe_get_level(t))
+                t = fc.get_unwrapped(t)
+            else:
+                t = None
+    return len(levels) >= 2
+
+
+def _groupnorm_silu_composite(x, weight, bias, scale, shift, groups, eps, activation):
+    """The op in differentiable PyTorch (accumulation dtype; var_mean, rsqrt, h * sigmoid(h)),
+    whose derivatives of every order exist: the route of nested transforms."""
     dt = acc_dtype(x)
     N, C = x.shape[:2]
     bcast = (N, C) + (1,) * (x.dim() - 2)
     cshape = (1, C) + (1,) * (x.dim() - 2)
-
-    def grouped(t):  # [N, C, *] -> (N, groups, C/groups * spatial) in dt
-        return t.to(dt).reshape(N, groups, -1)
-
-    m, r = mean.to(dt).unsqueeze(-1), rstd.to(dt).unsqueeze(-1)  # (N, groups, 1)
-    n = (grouped(x) - m) * r
-    if tx is not None:
-        txg = grouped(tx)
-        dn = r * (txg - txg.mean(-1, keepdim=True) - n * (n * txg).mean(-1, keepdim=True))
-        dn = dn.reshape(x.shape)
-    n = n.reshape(x.shape)
-    w, b = weight.to(dt).reshape(cshape), bias.to(dt).reshape(cshape)
-    a = n * w + b  # the affine GroupNorm output
-    da = dn * w if tx is not None else torch.zeros_like(a)
-    if tw is not None:
-        da = da + n * tw.to(dt).reshape(cshape)
-    if tb is not None:
-        da = da + tb.to(dt).reshape(cshape)
-    h, dh = a, da
+    xg = x.to(dt).reshape(N, groups, -1)
+    var, mean = torch.var_mean(xg, dim=-1, keepdim=True, unbiased=False)
+    h = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    h = h * weight.to(dt).reshape(cshape) + bias.to(dt).reshape(cshape)
     if scale is not None:
-        h = a * (1 + scale.to(dt).reshape(bcast))
-        dh = da * (1 + scale.to(dt).reshape(bcast))
-        if ts is not None:
-            dh = dh + a * ts.to(dt).reshape(bcast)
+        h = h * (1 + scale.to(dt).reshape(bcast))
     if shift is not None:
         h = h + shift.to(dt).reshape(bcast)
-        if tsh is not None:
-            dh = dh + tsh.to(dt).reshape(bcast)
     if activation:
-        sig = torch.sigmoid(h)
-        dh = dh * sig * (1 + h * (1 - sig))
-    return dh.to(x.dtype).contiguous(memory_format=layout(x))
+        h = h * torch.sigmoid(h)
+    return h.to(x.dtype).contiguous(memory_format=layout(x))
 
 
 class _GroupNormSiLUJvp(torch.autograd.Function):
@@ -198,8 +258,9 @@ class _GroupNormSiLUJvp(torch.autograd.Function):
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.save_for_forward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.save_for_forward(x, weight, bias, scale, shift)
         ctx.groups = groups
+        ctx.eps = eps
         ctx.activation = activation
 
     @staticmethod
@@ -208,17 +269,29 @@ class _GroupNormSiLUJvp(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, ts, tsh, _groups, _eps, _activation):
-        x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-        ty = groupnorm_silu_jvp(x, weight, bias, scale, shift, mean, rstd, ctx.groups,
-                                ctx.activation, tx, tw, tb, ts, tsh)  # fmt: skip
+        x, weight, bias, scale, shift = ctx.saved_tensors
+        _, ty, _, _ = _jvp_op(x, tx, weight, tw, bias, tb, scale, ts, shift, tsh,
+                              ctx.groups, ctx.eps, ctx.activation)  # fmt: skip
         return ty, None, None
 
 
 # torch.compile inlines an autograd.Function's forward and drops its jvp when no input requires
-# grad (a silent zero tangent again), so the route runs outside the compiled graph: a graph break,
-# or, under fullgraph=True, dynamo's error naming this function.
+# grad (a silent zero tangent again), so both routes run outside the compiled graph: a graph break,
+# or, under fullgraph=True, dynamo's error naming this function. (groupnorm_silu_with_tangent is
+# the compilable form.)
 @torch.compiler.disable(reason=FORWARD_AD_EAGER_ONLY)
 def _groupnorm_silu_forward_ad(x, weight, bias, scale, shift, groups, eps, activation):
+    split = split_duals(x, weight, bias, scale, shift)
+    if split is not None:  # the direct route: one launch for y and ty
+        (x, weight, bias, scale, shift), (tx, tw, tb, ts, tsh) = split
+        y, ty, _, _ = _jvp_op(
+            x, tx, weight, tw, bias, tb, scale, ts, shift, tsh, groups, eps, activation
+        )
+        return torch.autograd.forward_ad.make_dual(y, ty)
+    if _nested_levels(x, weight, bias, scale, shift):
+        # (through an autograd.Function, the second-order term would be a silent zero)
+        check_inputs(x, weight, bias, scale, shift, groups)
+        return _groupnorm_silu_composite(x, weight, bias, scale, shift, groups, eps, activation)
     y, _, _ = _GroupNormSiLUJvp.apply(x, weight, bias, scale, shift, groups, eps, activation)
     return y
 
@@ -251,9 +324,44 @@ def groupnorm_silu(
     activation: apply SiLU (False gives plain GroupNorm with the modulation).
 
     Differentiable in reverse mode (the fused backward) and in forward mode (torch.func.jvp, dual
-    tensors: the tangent in plain PyTorch for now, see ``groupnorm_silu_jvp``).
+    tensors: y and its tangent from the fused op groupnorm_silu_jvp; see the routes above).
     """
     if has_tangent(x, weight, bias, scale, shift):  # forward-mode AD: func.jvp or dual tensors
         return _groupnorm_silu_forward_ad(x, weight, bias, scale, shift, groups, eps, activation)
+    if not torch.compiler.is_compiling() and _nested_levels(x, weight, bias, scale, shift):
+        # torch.func transforms stacked without a tangent at this level (jvp of a grad, grad of
+        # a grad): the registered ops' autograd cannot serve an outer level either.
+        check_inputs(x, weight, bias, scale, shift, groups)
+        return _groupnorm_silu_composite(x, weight, bias, scale, shift, groups, eps, activation)
     y, _, _ = _forward_op(x, weight, bias, scale, shift, groups, eps, activation)
     return y
+
+
+def groupnorm_silu_with_tangent(
+    x: Tensor,
+    tx: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    *,
+    tweight: Tensor | None = None,
+    tbias: Tensor | None = None,
+    tscale: Tensor | None = None,
+    tshift: Tensor | None = None,
+    groups: int = 32,
+    eps: float = 1e-5,
+    activation: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(y, ty): y = groupnorm_silu(x, weight, bias, scale, shift) and its tangent along tx,
+    tweight, tbias, tscale, tshift (None: a zero tangent; a tangent only where its primal is
+    given; each like its primal: tx with x's shape and dtype, any layout), in one fused launch.
+
+    The explicit form of forward-mode AD through the op: no dual tensors, so it compiles under
+    torch.compile(fullgraph=True) and captures in CUDA graphs. Not differentiable in reverse mode
+    (use groupnorm_silu for that).
+    """
+    y, ty, _, _ = _jvp_op(
+        x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps, activation
+    )
+    return y, ty

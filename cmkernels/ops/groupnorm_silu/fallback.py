@@ -1,6 +1,7 @@
 """The kernels of groupnorm_silu in plain PyTorch, served on the CPU when the compiled extension is
-missing: ``groupnorm_silu_fallback`` (the reference's output plus the statistics) and
-``groupnorm_silu_backward_fallback`` (the closed-form backward of epilogue.py), in the
+missing: ``groupnorm_silu_fallback`` (the reference's output plus the statistics),
+``groupnorm_silu_backward_fallback`` (the closed-form backward of epilogue.py) and
+``groupnorm_silu_jvp_fallback`` (the forward plus the reference tangent formula), in the
 accumulation dtype of x. Same checks, layouts and output dtypes as the C++ kernels."""
 
 from __future__ import annotations
@@ -8,9 +9,14 @@ from __future__ import annotations
 import torch
 
 from cmkernels.ops.common import acc_dtype
-from cmkernels.ops.groupnorm_silu.checks import check_backward_inputs, check_inputs, layout
+from cmkernels.ops.groupnorm_silu.checks import (
+    check_backward_inputs,
+    check_inputs,
+    check_jvp_inputs,
+    layout,
+)
 from cmkernels.ops.groupnorm_silu.epilogue import group_means, param_grads
-from cmkernels.ops.groupnorm_silu.reference import groupnorm_silu_ref
+from cmkernels.ops.groupnorm_silu.reference import groupnorm_silu_ref, groupnorm_silu_tangent_ref
 
 
 def groupnorm_silu_fallback(x, weight, bias, scale, shift, groups, eps, activation):
@@ -18,6 +24,9 @@ def groupnorm_silu_fallback(x, weight, bias, scale, shift, groups, eps, activati
     check_inputs(x, weight, bias, scale, shift, groups)
     fmt = layout(x)
     N = x.shape[0]
+    if x.numel() == 0:  # what the kernels return: no NaN statistics of empty groups
+        stats = torch.zeros(N, groups, dtype=acc_dtype(x), device=x.device)
+        return torch.empty_like(x, memory_format=fmt), stats, torch.full_like(stats, eps**-0.5)
     xf = x.to(acc_dtype(x)).reshape(N, groups, -1)
     var, mu = torch.var_mean(xf, dim=-1, unbiased=False)
     y = groupnorm_silu_ref(
@@ -51,3 +60,17 @@ def groupnorm_silu_backward_fallback(
     dx = rstd * (dx - xhat.reshape(N, groups, -1) * c2[..., None])
     dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=fmt)
     return (dx, *param_grads(T1, T2, weight, bias, scale, shift))
+
+
+def groupnorm_silu_jvp_fallback(
+    x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps, activation
+):
+    """(y, ty, mean [N, groups], rstd [N, groups]): the forward fallback's outputs and the tangent
+    of ``groupnorm_silu_tangent_ref`` from its statistics (None tangents are zero)."""
+    check_jvp_inputs(x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups)
+    y, mean, rstd = groupnorm_silu_fallback(x, weight, bias, scale, shift, groups, eps, activation)
+    if x.numel() == 0:
+        return y, torch.empty_like(y), mean, rstd
+    ty = groupnorm_silu_tangent_ref(x, weight, bias, scale, shift, mean, rstd, groups, activation,
+                                    tx, tweight, tbias, tscale, tshift)  # fmt: skip
+    return y, ty, mean, rstd

@@ -1,7 +1,8 @@
 """The Triton launch of groupnorm_silu: how a problem is split into programs (one-pass forward
 where a group fits one program and there are enough groups to fill the GPU, two-stage otherwise)
-and the two launchers that are the ops' CUDA kernels, ``groupnorm_silu_triton`` and
-``groupnorm_silu_backward_triton`` (also runnable on CPU tensors under ``TRITON_INTERPRET=1``).
+and the three launchers that are the ops' CUDA kernels, ``groupnorm_silu_triton``,
+``groupnorm_silu_backward_triton`` and ``groupnorm_silu_jvp_triton`` (also runnable on CPU
+tensors under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from cmkernels.ops.groupnorm_silu.checks import (
     KERNEL_DTYPES,
     check_backward_inputs,
     check_inputs,
+    check_jvp_inputs,
     layout,
 )
 from cmkernels.ops.groupnorm_silu.epilogue import group_means, param_grads
@@ -180,3 +182,92 @@ def _backward_triton(grad_y, x, weight, bias, scale, shift, mean, rstd, groups, 
             sn, sc, shw, CPG=cpg, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps, **flags,
         )  # fmt: skip
     return (dx, *param_grads(T1, T2, weight, bias, scale, shift))
+
+
+def groupnorm_silu_jvp_triton(
+    x: Tensor,
+    tx: Tensor | None,
+    weight: Tensor,
+    tweight: Tensor | None,
+    bias: Tensor,
+    tbias: Tensor | None,
+    scale: Tensor | None,
+    tscale: Tensor | None,
+    shift: Tensor | None,
+    tshift: Tensor | None,
+    groups: int,
+    eps: float,
+    activation: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton forward-mode AD: (y, ty, mean [N, G] fp32, rstd [N, G] fp32); y and the statistics
+    as ``groupnorm_silu_triton`` computes them (the same split into programs), ty the tangent for
+    the given tangents (None: zero)."""
+    check_jvp_inputs(x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups)
+    check_launch(
+        "groupnorm_silu_jvp", x, KERNEL_DTYPES,
+        tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift,
+    )  # fmt: skip
+    with device_guard(x):
+        return _jvp_triton(
+            x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps,
+            activation,
+        )  # fmt: skip
+
+
+def _jvp_triton(x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps,
+                activation):  # fmt: skip
+    xk, (sn, sc, shw), fmt, HW = _views(x)
+    N, C = xk.shape[:2]
+    G = groups
+    cpg = C // G
+    y = torch.empty_like(xk, memory_format=fmt)
+    ty = torch.empty_like(xk, memory_format=fmt)
+    mean = torch.empty(N, G, device=x.device, dtype=acc_dtype(x))
+    rstd = torch.empty_like(mean)
+    if xk.numel() == 0:
+        return y, ty, mean.zero_(), rstd.fill_(eps**-0.5)
+    txk = tx.contiguous(memory_format=fmt) if tx is not None else xk  # in x's layout (or a dummy)
+    w, b = weight.contiguous(), bias.contiguous()
+    s, sh = _scale_shift(scale, shift, xk)
+    ts, tsh = _scale_shift(tscale, tshift, xk)
+    tw = tweight.contiguous() if tweight is not None else w
+    tb = tbias.contiguous() if tbias is not None else b
+    block_c = next_pow2(cpg)
+    flags = dict(
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_TX=tx is not None, HAS_TW=tweight is not None, HAS_TB=tbias is not None,
+        HAS_TSCALE=tscale is not None, HAS_TSHIFT=tshift is not None, ACTIVATION=activation,
+    )  # fmt: skip
+    # The forward's choice between one program per group and the two-stage reduction, so that y
+    # and the statistics are the forward's.
+    fits = block_c * next_pow2(HW) <= FUSED_MAX
+    if fits and N * G >= _num_sms(x.device):
+        block_hw = next_pow2(HW)
+        K._gn_fused_jvp_kernel[(N * G,)](
+            xk, txk, y, ty, w, b, s, sh, tw, tb, ts, tsh, mean, rstd, C, HW, G, sn, sc, shw, eps,
+            CPG=cpg, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=min(16, max(1, block_c * block_hw // 512)), **flags,
+        )  # fmt: skip
+        return y, ty, mean, rstd
+    block_hw, S, slice_ = _split(N, G, HW, block_c, x.device)
+    part = torch.empty(N * G, S, 3, device=x.device, dtype=torch.float32)
+    warps = min(8, max(1, block_c * block_hw // 256))
+    if tx is not None:
+        tpart = torch.empty(N * G, S, 2, device=x.device, dtype=torch.float32)
+        K._gn_jvp_partial_stats_kernel[(N * G, S)](
+            xk, txk, part, tpart, HW, G, S, slice_, sn, sc, shw,
+            CPG=cpg, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps,
+        )  # fmt: skip
+    else:  # no x' statistics: the forward's kernel
+        tpart = part
+        K._gn_partial_stats_kernel[(N * G, S)](
+            xk, part, HW, G, S, slice_, sn, sc, shw,
+            CPG=cpg, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=warps,
+        )  # fmt: skip
+    K._gn_apply_jvp_kernel[(N * G, S)](
+        xk, txk, y, ty, w, b, s, sh, tw, tb, ts, tsh, part, tpart, mean, rstd,
+        C, HW, G, S, slice_, sn, sc, shw, eps,
+        CPG=cpg, BLOCK_C=block_c, BLOCK_HW=block_hw, BLOCK_S=next_pow2(S),
+        num_warps=warps, **flags,
+    )  # fmt: skip
+    return y, ty, mean, rstd
