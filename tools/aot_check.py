@@ -379,7 +379,7 @@ def groupnorm_case(
     param_dtype=torch.float32,
     scale_dtype=None,
 ):
-    """Forward and backward of the groupnorm launchers; layout: contiguous, channels_last or
+    """Forward, backward and JVP of the groupnorm launchers; layout: contiguous, channels_last or
     strided (a view with a step of 2 in the last dimension)."""
     G = _module("cmkernels.ops.groupnorm_silu")
     N, C = shape[:2]
@@ -396,6 +396,10 @@ def groupnorm_case(
     G.groupnorm_silu_backward_triton(
         torch.empty_like(y), x, w, b, s, sh, mean, rstd, groups, activation
     )
+    # Forward-mode AD (continuous-time CMs): x and the modulation carry tangents, as in the UNet.
+    tx = torch.empty_like(x)
+    ts, tsh = (torch.empty_like(s), torch.empty_like(sh)) if modulate else (None, None)
+    G.groupnorm_silu_jvp_triton(x, tx, w, None, b, None, s, ts, sh, tsh, groups, 1e-5, activation)
 
 
 def unet_sites(preset: str, batch: int) -> tuple[list, list]:
