@@ -121,6 +121,7 @@ split_tests attn-bf16-autotune tests/test_attention.py \
 split_tests attn-other tests/test_attention.py -k "not float32 and not float16 and not bfloat16"
 split_tests groupnorm tests/test_groupnorm_silu.py
 split_tests heun-ema tests/test_heun_step.py tests/test_ema.py
+split_tests jvp tests/test_groupnorm_silu_jvp.py tests/test_attention_jvp.py tests/test_continuous.py
 split_tests model tests/test_graph_sampler.py tests/test_unet.py tests/test_samplers.py \
     tests/test_editing.py tests/test_train.py
 for pid in "${pids[@]}"; do wait "$pid"; done
@@ -188,6 +189,10 @@ bench groupnorm "$(deadline 45)" benchmarks/test_bench_groupnorm_silu.py -k "$GN
 bench attention "$(deadline 45)" benchmarks/test_bench_attention.py -k "$ATTN_K"
 bench heun-ema "$(deadline 30)" benchmarks/test_bench_heun_step.py benchmarks/test_bench_ema.py \
     -k "$SMALL_K"
+# Continuous time: the attention JVP op against its forward (TFLOP/s x 3 = the ideal) and one JVP
+# of the whole consistency function (time, peak memory) against torch.func.jvp of the eager model.
+if [ "$GPU" = 1 ]; then JVP_K="not compile"; else JVP_K="not compile and (gray32 or attention)"; fi
+bench jvp "$(deadline 50)" benchmarks/test_bench_jvp.py -k "$JVP_K and not train_step"
 # The headline rows (-m headline: imagenet64 bf16 cd training step, one-step sampling at batch 1;
 # on the CPU they do not exist and gray32 rows stand in).
 if [ "$GPU" = 1 ]; then E2E_M=headline E2E_K=""; else E2E_M="not headline" E2E_K="b1- and "; fi

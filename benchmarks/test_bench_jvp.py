@@ -65,7 +65,8 @@ def _model(preset: str, ops_kind: str, parameterization: str = "cm") -> Denoiser
     for p in net.parameters():  # no zero-initialised layers: real work everywhere
         if p.dim() > 1 and p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
-    return Denoiser(net, parameterization).to(DEVICE, memory_format=torch.channels_last).requires_grad_(False)
+    den = Denoiser(net, parameterization).to(DEVICE, memory_format=torch.channels_last)
+    return den.requires_grad_(False)
 
 
 def _inputs(preset: str, batch: int):
@@ -175,6 +176,42 @@ def test_train_step_continuous_vs_discrete(benchmark, mode, provider):
         opt.zero_grad(set_to_none=True)
 
     precision = "bf16" if bf16 else "fp32"
-    median = timed(benchmark, step, group=f"train-{mode}-continuous-vs-discrete-{preset}-b{batch}-{precision}",
+    group = f"train-{mode}-continuous-vs-discrete-{preset}-b{batch}-{precision}"
+    median = timed(benchmark, step, group=group,
                    provider=provider, warmup=1, rounds=None if ON_GPU else 5)  # fmt: skip
     benchmark.extra_info["img/s"] = round(batch / median, 1)
+
+
+ATTN_JVP_SHAPES = [(16, 6, 1024, 64), (64, 8, 256, 64)] if ON_GPU else [(4, 6, 1024, 64)]
+
+
+@pytest.mark.parametrize("provider", ["cmkernels-forward", "cmkernels-jvp", "eager-math-jvp"])
+@pytest.mark.parametrize("B, H, T, d", ATTN_JVP_SHAPES,
+                         ids=[f"B{b}-H{h}-T{t}-d{d}" for b, h, t, d in ATTN_JVP_SHAPES])
+def test_attention_jvp_op(benchmark, B, H, T, d, provider):
+    """The attention JVP alone on the packed layout. TFLOP/s counts the forward's matmul work
+    (4 B H T^2 d) times 3 for the JVP rows: an ideal JVP costs about three forwards, so a JVP row
+    at the forward's TFLOP/s is at the ideal (rCM's FlashAttention-JVP accounting)."""
+    from cmkernels.ops import attention, attention_with_tangent
+
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, 3 * H * d, T, generator=g).to(DEVICE, dtype)
+    tqkv = torch.randn(B, 3 * H * d, T, generator=g).to(DEVICE, dtype)
+    flops = 4 * B * H * T * T * d
+    if provider == "cmkernels-forward":
+        fn = lambda: attention(qkv, H)  # noqa: E731
+    elif provider == "cmkernels-jvp":
+        fn = lambda: attention_with_tangent(qkv, tqkv, H)  # noqa: E731
+        flops *= 3
+    else:
+        fn = lambda: torch.func.jvp(lambda x: attention_math(x, H), (qkv,), (tqkv,))  # noqa: E731
+        flops *= 3
+
+    def call():
+        with torch.no_grad():
+            return fn()
+
+    timed(benchmark, call, group=f"attention-jvp-B{B}-H{H}-T{T}-d{d}-{str(dtype)[6:]}",
+          provider=provider, flops=flops, rounds=None if ON_GPU else 5)  # fmt: skip
+    benchmark.extra_info["peak_mem_mb"] = round(peak_memory_bytes(call) / 2**20, 1)

@@ -338,7 +338,8 @@ class ContinuousConsistencyLoss:
             norm = delta.flatten(1).norm(dim=1).view(bc)
             delta = delta / (norm + self.tangent_norm)
         per_sample = l2_distance(online, (online.to(delta.dtype) - delta).detach())
-        aux = {"sigma_mean": t.mean(), "tangent_rms": delta.flatten(1).square().mean(1).sqrt().mean()}
+        rms = delta.flatten(1).square().mean(1).sqrt().mean()
+        aux = {"sigma_mean": t.mean(), "tangent_rms": rms}
         if self.adaptive is not None:
             logvar = self.adaptive(t)
             per_sample = torch.exp(-logvar) * per_sample + logvar

@@ -33,6 +33,12 @@ TORCH_LIBRARY(cmkernels, m) {
   m.def(
       "attention_bhtd_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // Forward-mode AD of the two: (out, tangent of out, lse) for the inputs' tangents, in one
+  // flash pass (no T x T matrix in memory); tqkv [B, 3*H*d, T]; tq, tk, tv optional (None: zero).
+  m.def("attention_jvp(Tensor qkv, Tensor tqkv, int num_heads) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_bhtd_jvp(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv) "
+      "-> (Tensor, Tensor, Tensor)");
   // One EDM Heun step's elementwise stages; t, t_next [B] per sample. Stage 1 returns (x1, d):
   // d = (x - denoised) / t, x1 = x + (t_next - t) d. Stage 2 returns
   // x_next = x + (t_next - t) (d + (x1 - denoised1) / t_next) / 2.

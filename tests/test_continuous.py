@@ -35,7 +35,8 @@ def _tiny_net(ops="reference", seed=0) -> UNet:
     torch.manual_seed(seed)
     cfg = UNetConfig(image_size=8, in_channels=1, out_channels=1, model_channels=32,
                      num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(4,),
-                     num_heads=2, num_head_channels=-1, num_classes=None, dropout=0.0, ops=ops)  # fmt: skip
+                     num_heads=2, num_head_channels=-1, num_classes=None, dropout=0.0,
+                     ops=ops)  # fmt: skip
     net = UNet(cfg)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -106,7 +107,9 @@ def test_discrete_gradient_over_delta_u_approaches_the_continuous_one(mode):
     du -> 0, with an error of order du (float64, reference ops)."""
     model = Denoiser(_tiny_net(seed=0)).double()
     target = copy.deepcopy(model).requires_grad_(False)
-    teacher = Denoiser(_tiny_net(seed=1), "edm").double().requires_grad_(False) if mode == "cd" else None
+    teacher = None
+    if mode == "cd":
+        teacher = Denoiser(_tiny_net(seed=1), "edm").double().requires_grad_(False)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64) * 0.5
@@ -203,7 +206,8 @@ def test_continuous_resume_is_bit_identical_and_samples_load(tmp_path, extra):
     for key in keys:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
-    assert a["config"]["continuous"] and a["config"]["target_ema"] == (0.5 if "0.5" in extra else 0.0)
+    assert a["config"]["continuous"]
+    assert a["config"]["target_ema"] == (0.5 if "0.5" in extra else 0.0)
     den = load_denoiser(tmp_path / "full" / "last.pt")
     with torch.no_grad():
         out = den(torch.randn(2, 1, 32, 32), 80.0)

@@ -465,11 +465,16 @@ def test_ddp_gloo_two_processes_match_one(tmp_path, extra):
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
+    # Continuous time: the per-rank JVPs sum in another order, and Adam's first steps divide each
+    # element's gradient by its own size, so elements whose gradient is near rounding level
+    # (zero-initialised layers) move by a fraction of lr (2e-4) differently: atol 5e-5, a quarter
+    # of one step (a wrong split of the batch moves them by whole steps).
+    atol = 5e-5 if extra else 1e-6
     for key in ("model", "weighting") if extra else ("model",):
         a = load_file(tmp_path / "one" / "last.pt")[key]
         b = load_file(tmp_path / "two" / "last.pt")[key]
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol, msg=name)
 
 
 @requires_cuda

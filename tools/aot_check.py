@@ -339,7 +339,7 @@ def _empty(*shape, dtype):
 
 
 def attention_case(layout: str, B: int, H: int, T: int, d: int, dtype, backward: bool = True):
-    """Forward (and backward) of the attention launchers on one layout:
+    """Forward (and backward) and JVP of the attention launchers on one layout:
     packed    qkv [B, 3*H*d, T] contiguous (the UNet's layout);
     packed_tc qkv stored [B, T, 3*H*d] seen as [B, 3*H*d, T], grad_out strided in T;
     bhtd      q, k, v [B, H, T, d] contiguous;
@@ -355,6 +355,7 @@ def attention_case(layout: str, B: int, H: int, T: int, d: int, dtype, backward:
         out, lse = A.attention_triton(qkv, H)
         if backward:
             A.attention_backward_triton(grad, qkv, out, lse, H)
+        A.attention_jvp_triton(qkv, torch.empty_like(qkv), H)  # forward-mode AD (continuous time)
         return
     if layout == "bhtd":
         q, k, v = (_empty(B, H, T, d, dtype=dtype) for _ in range(3))
@@ -367,6 +368,7 @@ def attention_case(layout: str, B: int, H: int, T: int, d: int, dtype, backward:
     out, lse = A.attention_bhtd_triton(q, k, v)
     if backward:
         A.attention_bhtd_backward_triton(_empty(B, H, T, d, dtype=dtype), q, k, v, out, lse)
+    A.attention_bhtd_jvp_triton(q, k, v, *(torch.empty_like(q) for _ in range(3)))
 
 
 def groupnorm_case(

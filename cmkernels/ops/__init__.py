@@ -10,7 +10,9 @@ from cmkernels.ops.attention import (
     attention,
     attention_bhtd,
     attention_bhtd_ref,
+    attention_bhtd_with_tangent,
     attention_ref,
+    attention_with_tangent,
 )
 from cmkernels.ops.ema import EMA, ema_update_, ema_update_ref_
 from cmkernels.ops.groupnorm_silu import (
@@ -28,6 +30,8 @@ __all__ = [
     "attention_ref",
     "attention_bhtd",
     "attention_bhtd_ref",
+    "attention_with_tangent",
+    "attention_bhtd_with_tangent",
     "heun_step1",
     "heun_step2",
     "heun_step1_ref",

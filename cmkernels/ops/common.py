@@ -121,3 +121,25 @@ def split_duals(*tensors: Tensor | None) -> tuple[list, list] | None:
         primals.append(p)
         tangents.append(tan)
     return primals, tangents
+
+
+def stacked_levels(*tensors: Tensor | None) -> bool:
+    """Whether two or more torch.func grad / jvp levels wrap tensors (jvp of jvp, grad of a jvp,
+    jvp of a grad, or a grad over the parameters of a jvp over x); vmap's levels do not count.
+    There the fused ops (no derivatives of their own) and an autograd.Function's jvp (whose output
+    torch.func takes as a constant for outer levels) would be silently wrong, so the entry points
+    compute in differentiable PyTorch instead."""
+    fc = torch._C._functorch
+    if fc.maybe_current_level() is None:  # no transform active: the fast answer
+        return False
+    levels = set()
+    for t in tensors:
+        while t is not None:
+            if fc.is_batchedtensor(t):
+                t = fc.get_unwrapped(t)
+            elif fc.is_functorch_wrapped_tensor(t):
+                levels.add(fc.maybe_get_level(t))
+                t = fc.get_unwrapped(t)
+            else:
+                t = None
+    return len(levels) >= 2

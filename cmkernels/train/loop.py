@@ -42,8 +42,8 @@ from cmkernels.diffusion import Denoiser
 from cmkernels.losses import (
     AdaptiveWeight,
     ConsistencyLoss,
-    ContinuousConsistencyLoss,
     ConsistencySchedule,
+    ContinuousConsistencyLoss,
     EDMLoss,
     ema_warmup_rates,
     warmup_lr,

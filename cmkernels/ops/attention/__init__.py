@@ -1,5 +1,5 @@
 """Multi-head self-attention of the UNet's attention blocks, fused (flash-attention style): the
-torch.library registration of the four ops and the public entry points.
+torch.library registration of the six ops and the public entry points.
 
 Layouts:
 - packed (the official checkpoints): ``qkv`` [B, 3*H*d, T], channel order (three, heads, head_dim):
@@ -9,24 +9,29 @@ Layouts:
 - split: ``q``, ``k``, ``v`` [B, H, T, d] (any strides) -> [B, H, T, d].
 
 Where things are:
-- ``reference.py``: ``attention_ref`` / ``attention_bhtd_ref``, the pure-PyTorch references.
+- ``reference.py``: ``attention_ref`` / ``attention_bhtd_ref``, the pure-PyTorch references, and
+  ``attention_bhtd_tangent_ref``, the tangent's (section 11 of the spec, T x T in memory).
 - ``checks.py``: the argument rules, one function per op, called by every path below.
 - ``triton_kernels.py``: the Triton kernels; ``launch.py``: tile table, autotuning and the
   launchers ``attention_triton`` / ``attention_backward_triton`` / ``attention_bhtd_triton`` /
-  ``attention_bhtd_backward_triton``, the ops' CUDA kernels (also runnable on CPU tensors under
-  ``TRITON_INTERPRET=1``, as the tests do).
+  ``attention_bhtd_backward_triton`` / ``attention_jvp_triton`` / ``attention_bhtd_jvp_triton``,
+  the ops' CUDA kernels (also runnable on CPU tensors under ``TRITON_INTERPRET=1``, as the tests
+  do).
 - ``cpu.py``: the ops' CPU kernels (forward: SDPA plus a chunked logsumexp; backward: the
-  kernels' blockwise math in PyTorch).
+  kernels' blockwise math in PyTorch; JVP: query blocks against all keys in large matmuls).
 - here: ``torch.ops.cmkernels.attention`` / ``attention_backward`` / ``attention_bhtd`` /
-  ``attention_bhtd_backward`` (schemas in csrc/ops.cpp), their kernels, fake kernels and
-  autograd; the forward ops return (out, lse), lse [B, H, T] the natural-log logsumexp of each
-  softmax row in the accumulation dtype (fp32; fp64 for fp64 input), which the backward reuses; lse
-  is not differentiable. And ``attention(qkv, num_heads)`` / ``attention_bhtd(q, k, v)``, the
-  public entry points: on the CPU they call F.scaled_dot_product_attention on contiguous q, k, v,
-  forward and backward (its CPU flash kernels beat the op's recomputing backward 2-3x); elsewhere
-  the ops. Under forward-mode AD (torch.func.jvp, dual tensors) they go, on every device, through
-  ``_AttentionJvp`` / ``_AttentionBhtdJvp``: the ops forward and backward, and the tangent in plain
-  PyTorch (``attention_bhtd_jvp``, section 11 of the spec).
+  ``attention_bhtd_backward`` / ``attention_jvp`` / ``attention_bhtd_jvp`` (schemas in
+  csrc/ops.cpp), their kernels, fake kernels and autograd; the forward ops return (out, lse), lse
+  [B, H, T] the natural-log logsumexp of each softmax row in the accumulation dtype (fp32; fp64 for
+  fp64 input), which the backward reuses; lse is not differentiable. The JVP ops return (out,
+  tout, lse) for the inputs' tangents (forward-mode AD in one pass, no T x T matrix; no reverse-mode
+  derivative: differentiating through them raises). And ``attention(qkv, num_heads)`` /
+  ``attention_bhtd(q, k, v)``, the public entry points: on the CPU they call
+  F.scaled_dot_product_attention on contiguous q, k, v, forward and backward (its CPU flash kernels
+  beat the op's recomputing backward 2-3x); elsewhere the ops. Under forward-mode AD
+  (torch.func.jvp, dual tensors) they route, on every device, to the JVP ops (see "Forward-mode
+  AD" below). ``attention_with_tangent`` / ``attention_bhtd_with_tangent`` call the JVP ops
+  directly: (out, tout) without dual tensors, for torch.compile(fullgraph=True) and CUDA graphs.
 
 On CUDA the kernels' block sizes are autotuned per (T, d, dtype) on first use;
 ``CMKERNELS_AUTOTUNE=0`` selects the fixed per-head-dim table instead.
@@ -38,22 +43,24 @@ scale is 1/sqrt(d).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from cmkernels.ops.attention.checks import (
     check_bhtd,
     check_bhtd_backward,
+    check_bhtd_jvp,
     check_packed,
     check_packed_backward,
+    check_packed_jvp,
 )
 from cmkernels.ops.attention.cpu import (
     attention_backward_cpu,
     attention_bhtd_backward_cpu,
     attention_bhtd_cpu,
+    attention_bhtd_jvp_cpu,
     attention_cpu,
+    attention_jvp_cpu,
     merge_heads,
     sdpa,
     split_packed,
@@ -61,12 +68,24 @@ from cmkernels.ops.attention.cpu import (
 from cmkernels.ops.attention.launch import (
     attention_backward_triton,
     attention_bhtd_backward_triton,
+    attention_bhtd_jvp_triton,
     attention_bhtd_triton,
+    attention_jvp_triton,
     attention_triton,
     tile_config,
 )
-from cmkernels.ops.attention.reference import attention_bhtd_ref, attention_ref
-from cmkernels.ops.common import FORWARD_AD_EAGER_ONLY, acc_dtype, has_tangent
+from cmkernels.ops.attention.reference import (
+    attention_bhtd_ref,
+    attention_bhtd_tangent_ref,
+    attention_ref,
+)
+from cmkernels.ops.common import (
+    FORWARD_AD_EAGER_ONLY,
+    acc_dtype,
+    has_tangent,
+    split_duals,
+    stacked_levels,
+)
 from cmkernels.ops.registry import define_op
 from cmkernels.ops.triton_support import HAS_TRITON
 
@@ -77,24 +96,36 @@ BHTD_BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse) "
     "-> (Tensor, Tensor, Tensor)"
 )
+JVP_SCHEMA = "(Tensor qkv, Tensor tqkv, int num_heads) -> (Tensor, Tensor, Tensor)"
+BHTD_JVP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv) -> (Tensor, Tensor, Tensor)"
+)
 
 __all__ = [
     "attention",
     "attention_bhtd",
     "attention_ref",
     "attention_bhtd_ref",
-    "attention_bhtd_jvp",
+    "attention_bhtd_tangent_ref",
+    "attention_with_tangent",
+    "attention_bhtd_with_tangent",
     "attention_triton",
     "attention_backward_triton",
     "attention_bhtd_triton",
     "attention_bhtd_backward_triton",
+    "attention_jvp_triton",
+    "attention_bhtd_jvp_triton",
     "check_packed",
     "check_bhtd",
+    "check_packed_jvp",
+    "check_bhtd_jvp",
     "tile_config",
     "SCHEMA",
     "BACKWARD_SCHEMA",
     "BHTD_SCHEMA",
     "BHTD_BACKWARD_SCHEMA",
+    "JVP_SCHEMA",
+    "BHTD_JVP_SCHEMA",
 ]
 
 
@@ -121,6 +152,14 @@ _bhtd_backward_op = define_op(
     BHTD_BACKWARD_SCHEMA,
     kernels=_kernels(attention_bhtd_backward_cpu, attention_bhtd_backward_triton),
 )
+_jvp_op = define_op(
+    "attention_jvp", JVP_SCHEMA, kernels=_kernels(attention_jvp_cpu, attention_jvp_triton)
+)
+_bhtd_jvp_op = define_op(
+    "attention_bhtd_jvp",
+    BHTD_JVP_SCHEMA,
+    kernels=_kernels(attention_bhtd_jvp_cpu, attention_bhtd_jvp_triton),
+)
 
 
 @torch.library.register_fake("cmkernels::attention")
@@ -146,6 +185,21 @@ def _attention_bhtd_fake(q, k, v):
 def _attention_bhtd_backward_fake(grad_out, q, k, v, out, lse):
     check_bhtd_backward(grad_out, q, k, v, out, lse)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+@torch.library.register_fake("cmkernels::attention_jvp")
+def _attention_jvp_fake(qkv, tqkv, num_heads):
+    check_packed_jvp(qkv, tqkv, num_heads)
+    B, C3, T = qkv.shape
+    lse = qkv.new_empty(B, num_heads, T, dtype=acc_dtype(qkv))
+    return qkv.new_empty(B, C3 // 3, T), qkv.new_empty(B, C3 // 3, T), lse
+
+
+@torch.library.register_fake("cmkernels::attention_bhtd_jvp")
+def _attention_bhtd_jvp_fake(q, k, v, tq, tk, tv):
+    check_bhtd_jvp(q, k, v, tq, tk, tv)
+    lse = q.new_empty(q.shape[:3], dtype=acc_dtype(q))
+    return q.new_empty(q.shape), q.new_empty(q.shape), lse
 
 
 def _setup_context(ctx, inputs, output):
@@ -180,38 +234,42 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------------------------------------------
 # Forward-mode AD. torch.library has no forward-AD registration (a registered op drops tangents
-# silently) and SDPA has none either (pytorch issues 128971, 154226), so calls carrying tangents go
-# through these autograd.Functions: forward = the registered op, backward = the registered backward
-# op, jvp = the spec's formula in plain PyTorch. Not a fused kernel yet: it holds the (B, H, T, T)
-# probabilities and their tangent in memory (fp32), fine at the UNet's attention sizes.
+# silently) and SDPA has none either (pytorch issues 128971, 154226). The fused JVP ops compute out
+# and its tangent in one pass (flash-style on CUDA, query blocks on the CPU; no T x T matrix), and
+# the public entry points route calls that carry tangents (``_attention_forward_ad``):
+# - the direct route: where ``split_duals`` finds one plain forward-AD level and no reverse-mode
+#   recording (torch.func.jvp under torch.no_grad(), dual tensors that do not require grad), one
+#   call of the JVP op on the primals and tangents, re-wrapped with forward_ad.make_dual;
+# - two or more torch.func grad / jvp levels stacked on the inputs (jvp of jvp, torch.func.grad
+#   of a jvp): the reference in differentiable PyTorch (T x T), since the outer level
+#   differentiates the tangent itself, which the fused ops (no derivatives of their own) cannot
+#   serve;
+# - otherwise the autograd.Functions ``_AttentionJvp`` / ``_AttentionBhtdJvp``: forward = the
+#   registered op, backward = the registered backward op, jvp = the JVP op's tangent (its out goes
+#   unused). They compose with vmap (the generated rule) and with reverse mode on the output (dual
+#   tensors that require grad, torch.func.jvp in grad mode); a reverse pass through the tangent
+#   there reaches the JVP op's autograd, which raises.
 
 
-def attention_bhtd_jvp(q, k, v, tq, tk, tv) -> Tensor:
-    """O' of O = softmax(S) V, S = Q K^T / sqrt(d), for tangents tq, tk, tv (None: zero); all
-    (B, H, T, d); computed and returned in the accumulation dtype (fp32, fp64 for fp64).
+def _jvp_no_backward(ctx, *grads):
+    raise RuntimeError(
+        "cmkernels::attention_jvp / attention_bhtd_jvp have no reverse-mode derivative: the "
+        "tangent they return cannot be differentiated by autograd. Differentiate the output of "
+        "attention / attention_bhtd instead, or take the tangent under torch.func.grad (whose "
+        "nested levels go through the differentiable reference)"
+    )
 
-    S' = (Q' K^T + Q K'^T) / sqrt(d);  O' = P V' + (P o S') V - rowsum(P o S') o O
-    """
-    dt = acc_dtype(q)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v = (t.to(dt) for t in (q, k, v))
-    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, T)
-    # Only the tangents present contribute (no zero-filled (B, H, T, T) buffers).
-    ds = None  # S' (B, H, T, T)
-    if tq is not None:
-        ds = torch.matmul(tq.to(dt), k.transpose(-1, -2))
-    if tk is not None:
-        term = torch.matmul(q, tk.to(dt).transpose(-1, -2))
-        ds = term if ds is None else ds + term
-    out = None
-    if ds is not None:
-        pds = p * ds * scale  # P o S'
-        o = torch.matmul(p, v)  # (B, H, T, d)
-        out = torch.matmul(pds, v) - pds.sum(-1, keepdim=True) * o
-    if tv is not None:
-        term = torch.matmul(p, tv.to(dt))
-        out = term if out is None else out + term
-    return out if out is not None else torch.zeros_like(q)
+
+def _jvp_setup_context(ctx, inputs, output):
+    pass
+
+
+for _name in ("attention_jvp", "attention_bhtd_jvp"):
+    torch.library.register_autograd(
+        f"cmkernels::{_name}", _jvp_no_backward, setup_context=_jvp_setup_context
+    )
+
+
 
 
 class _AttentionJvp(torch.autograd.Function):
@@ -233,9 +291,8 @@ class _AttentionJvp(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tqkv, _num_heads):
         (qkv,) = ctx.saved_tensors
-        tout = attention_bhtd_jvp(*split_packed(qkv, ctx.num_heads),
-                                  *split_packed(tqkv, ctx.num_heads))  # fmt: skip
-        return merge_heads(tout).to(qkv.dtype), None
+        _, tout, _ = _jvp_op(qkv, tqkv, ctx.num_heads)
+        return tout, None
 
 
 class _AttentionBhtdJvp(torch.autograd.Function):
@@ -257,19 +314,37 @@ class _AttentionBhtdJvp(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tq, tk, tv):
         q, k, v = ctx.saved_tensors
-        return attention_bhtd_jvp(q, k, v, tq, tk, tv).to(q.dtype), None
+        _, tout, _ = _bhtd_jvp_op(q, k, v, tq, tk, tv)
+        return tout, None
 
 
 # torch.compile inlines an autograd.Function's forward and drops its jvp when no input requires
-# grad (a silent zero tangent again), so the routes run outside the compiled graph: a graph break,
-# or, under fullgraph=True, dynamo's error naming these functions.
+# grad (a silent zero tangent), so the routes run outside the compiled graph: a graph break, or,
+# under fullgraph=True, dynamo's error naming these functions. (attention_with_tangent and
+# attention_bhtd_with_tangent are the compilable forms.)
 @torch.compiler.disable(reason=FORWARD_AD_EAGER_ONLY)
 def _attention_forward_ad(qkv: Tensor, num_heads: int) -> Tensor:
+    split = split_duals(qkv)
+    if split is not None:  # the direct route: one launch for out and its tangent
+        (x,), (tx,) = split
+        out, tout, _ = _jvp_op(x, tx, num_heads)
+        return torch.autograd.forward_ad.make_dual(out, tout)
+    if stacked_levels(qkv):
+        check_packed(qkv, num_heads)
+        return attention_ref(qkv, num_heads)
     return _AttentionJvp.apply(qkv, num_heads)[0]
 
 
 @torch.compiler.disable(reason=FORWARD_AD_EAGER_ONLY)
 def _attention_bhtd_forward_ad(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    split = split_duals(q, k, v)
+    if split is not None:
+        (q, k, v), (tq, tk, tv) = split
+        out, tout, _ = _bhtd_jvp_op(q, k, v, tq, tk, tv)
+        return torch.autograd.forward_ad.make_dual(out, tout)
+    if stacked_levels(q, k, v):
+        check_bhtd(q, k, v)
+        return attention_bhtd_ref(q, k, v)
     return _AttentionBhtdJvp.apply(q, k, v)[0]
 
 
@@ -284,9 +359,10 @@ def attention(qkv: Tensor, num_heads: int) -> Tensor:
                (float64 on the CPU); any strides. Head dim d = channels / (3 * num_heads), 1..128.
     num_heads: H.
     Returns [B, H*d, T] (channel order heads, head_dim), dtype of qkv; softmax scale 1/sqrt(d).
-    Differentiable in reverse and forward mode (torch.func.jvp, dual tensors).
+    Differentiable in reverse and forward mode (torch.func.jvp, dual tensors: the tangent from
+    the fused op attention_jvp; see the routes above).
     """
-    if has_tangent(qkv):  # forward-mode AD, on every device: the ops plus a PyTorch tangent
+    if has_tangent(qkv):  # forward-mode AD, on every device
         return _attention_forward_ad(qkv, num_heads)
     if qkv.device.type == "cpu":  # SDPA, differentiable through its own CPU kernels
         check_packed(qkv, num_heads)
@@ -306,3 +382,30 @@ def attention_bhtd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return sdpa(q, k, v)
     out, _ = _bhtd_op(q, k, v)
     return out
+
+
+def attention_with_tangent(qkv: Tensor, tqkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor]:
+    """(out, tout): out = attention(qkv, num_heads) and its tangent along tqkv (shaped and typed
+    like qkv, any strides), in one fused pass; both [B, H*d, T] in qkv's dtype.
+
+    The explicit form of forward-mode AD through attention: no dual tensors, so it compiles under
+    torch.compile(fullgraph=True) and captures in CUDA graphs. Not differentiable in reverse mode
+    (use attention for that).
+    """
+    out, tout, _ = _jvp_op(qkv, tqkv, num_heads)
+    return out, tout
+
+
+def attention_bhtd_with_tangent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tq: Tensor | None = None,
+    tk: Tensor | None = None,
+    tv: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, tout): out = attention_bhtd(q, k, v) and its tangent along tq, tk, tv (None: a zero
+    tangent, its work skipped; each like q, any strides), in one fused pass; both [B, H, T, d].
+    Compilable and capturable like attention_with_tangent; not differentiable in reverse mode."""
+    out, tout, _ = _bhtd_jvp_op(q, k, v, tq, tk, tv)
+    return out, tout

@@ -10,7 +10,9 @@ Rules:
 - head dim d in 1..MAX_HEAD_DIM;
 - backward: grad_out and out shaped like the output, in the inputs' dtype and on their device; lse
   [B, H, T] in the accumulation dtype (float32; float64 for float64), which is what every forward
-  path returns.
+  path returns;
+- jvp (forward-mode AD): each tangent shaped like its primal, in its dtype and on its device (any
+  strides); the split op's tangents may be None (a zero tangent).
 """
 
 from __future__ import annotations
@@ -109,3 +111,34 @@ def check_bhtd_backward(grad_out, q, k, v, out, lse, op="attention_bhtd_backward
     _check_like(op, "grad_out", grad_out, q.shape, q)
     _check_like(op, "out", out, q.shape, q)
     _check_like(op, "lse", lse, q.shape[:3], q, acc_dtype(q))
+
+
+def _check_tangent(op: str, name: str, t: Tensor, primal: Tensor, primal_name: str) -> None:
+    if t.shape != primal.shape:
+        raise ValueError(
+            f"{op}: {name} has shape {shape_str(t)} but {primal_name} has shape "
+            f"{shape_str(primal)} (a tangent is shaped like its primal)"
+        )
+    if t.dtype != primal.dtype:
+        raise TypeError(
+            f"{op}: {name} has dtype {dtype_str(t.dtype)} but {primal_name} has dtype "
+            f"{dtype_str(primal.dtype)}"
+        )
+    if t.device != primal.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {primal_name} is on {primal.device}")
+
+
+def check_packed_jvp(qkv: Tensor, tqkv: Tensor, num_heads: int, op: str = "attention_jvp") -> int:
+    """Validate a packed qkv [B, 3*H*d, T] and its tangent tqkv (same shape, dtype, device);
+    returns the head dim d."""
+    d = check_packed(qkv, num_heads, op)
+    _check_tangent(op, "tqkv", tqkv, qkv, "qkv")
+    return d
+
+
+def check_bhtd_jvp(q, k, v, tq, tk, tv, op: str = "attention_bhtd_jvp") -> None:
+    """Validate q, k, v [B, H, T, d] and their tangents (each None or like q)."""
+    check_bhtd(q, k, v, op)
+    for name, t, primal in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
+        if t is not None:
+            _check_tangent(op, name, t, primal, name[1:])

@@ -1,8 +1,9 @@
 """The Triton launch of attention: the tile table (``TILES``, ``tile_config``) that the
 interpreter and ``CMKERNELS_AUTOTUNE=0`` use, the autotuned kernels that CUDA uses by default, and
-the four launchers that are the ops' CUDA kernels (``attention_triton``,
-``attention_backward_triton``, ``attention_bhtd_triton``, ``attention_bhtd_backward_triton``; also
-runnable on CPU tensors under ``TRITONINTERPRET=1``).
+the six launchers that are the ops' CUDA kernels (``attention_triton``,
+``attention_backward_triton``, ``attention_bhtd_triton``, ``attention_bhtd_backward_triton``,
+``attention_jvp_triton``, ``attention_bhtd_jvp_triton``; also runnable on CPU tensors under
+``TRITON_INTERPRET=1``).
 
 Autotuning keys on (T, d, dtypes), over a few configs pruned to tiles no larger than the sequence;
 it runs on the first call of each key: warm up before capturing a CUDA graph.
@@ -19,8 +20,10 @@ from cmkernels.ops.attention.checks import (
     KERNEL_DTYPES,
     check_bhtd,
     check_bhtd_backward,
+    check_bhtd_jvp,
     check_packed,
     check_packed_backward,
+    check_packed_jvp,
 )
 from cmkernels.ops.common import acc_dtype
 from cmkernels.ops.triton_support import (
@@ -66,13 +69,25 @@ TILES = {
     ("dq", False, True): (128, 32, 8, 3),
     ("dq", True, False): (16, 16, 8, 2),
     ("dq", True, True): (16, 16, 8, 2),
+    # jvp: like fwd (BLOCK_M queries per program, BLOCK_N keys per step), with the forward's
+    # accumulator twice (acc, acc_t), Q' beside Q and (BLOCK_M, BLOCK_N) tiles S, P, S', P o S'.
+    # Compiled for sm_90 / sm_80 by the same rule (triton 3.8, tools/aot_check.py's compile on
+    # the launch of a [2, 3*6*d, 1024] qkv): 16-bit at d = 64, 128 x 64 is spill-free on sm_90
+    # only, 128 x 32 on both (170 / 255 registers); at d = 128, 128 x 32 with 2 stages is
+    # spill-free on sm_90 (255 registers, 128 KB shared; 128 x 64 exceeds shared memory), every
+    # tile spills on sm_80. fp32 spills in every config, 16 x 16 the least (284 B at d = 64,
+    # 1.7 KB at d = 128).
+    ("jvp", False, False): (128, 32, 8, 3),
+    ("jvp", False, True): (128, 32, 8, 2),
+    ("jvp", True, False): (16, 16, 8, 2),
+    ("jvp", True, True): (16, 16, 8, 2),
 }
 
 
 def tile_config(kernel: str, T: int, d: int, dtype: torch.dtype) -> dict:
-    """Launch configuration of one kernel ("fwd", "dkdv", "dq") without autotuning: TILES capped
-    at the sequence's tile. The launchers look it up by this name at each launch (a test swaps
-    it for small tiles)."""
+    """Launch configuration of one kernel ("fwd", "dkdv", "dq", "jvp") without autotuning: TILES
+    capped at the sequence's tile. The launchers look it up by this name at each launch (a test
+    swaps it for small tiles)."""
     block_m, block_n, warps, stages = TILES[kernel, dtype == torch.float32, d > 64]
     tile = _tile(T)
     return dict(
@@ -119,6 +134,14 @@ if HAS_TRITON:
             (32, 16, 4, 2), (32, 16, 8, 2), (16, 16, 4, 2),
         ]), **_TUNE,
     )(K._attn_bwd_dq_kernel)  # fmt: skip
+    _attn_jvp_tuned = triton.autotune(
+        _configs([
+            (128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+            (64, 16, 4, 2), (32, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2),
+        ]),
+        key=["T", "HEAD_DIM", "HAS_TQ", "HAS_TK", "HAS_TV"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(K._attn_jvp_kernel)  # fmt: skip
 
 
 def _autotune(x: Tensor) -> bool:
@@ -258,3 +281,69 @@ def attention_bhtd_backward_triton(
     with device_guard(q):
         _launch_backward(q, k, v, out, grad_out, lse.contiguous(), dq, dk, dv, strides, B, H, T, d)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-mode AD: O, O' and lse in one pass (the derivation in triton_kernels.py).
+
+
+def _launch_jvp(q, k, v, tq, tk, tv, o, to, lse, strides, B, H, T, d) -> None:
+    """strides = (sq, sk, sv, stq, stk, stv, so, sto), each (b, h, t, d); a tangent that is None
+    is zero (its work is skipped; q stands in for its pointer and strides)."""
+    sq, sk, sv, stq, stk, stv, so, sto = strides
+    flags = _kernel_flags(q, d)
+    flags.update(HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
+    flags.update(SPLIT_PDS=q.dtype != torch.float32)
+    tangents = [(q, sq) if t is None else (t, st) for t, st in ((tq, stq), (tk, stk), (tv, stv))]
+    args = (q, k, v, *(t for t, _ in tangents), o, to, lse, *sq, *sk, *sv)
+    args += (*tangents[0][1], *tangents[1][1], *tangents[2][1], *so, *sto, H, T)
+    args += (d**-0.5 * LOG2E, d**-0.5)
+    if _autotune(q):
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)
+        _attn_jvp_tuned[grid](*args, **flags)
+    else:
+        cfg = tile_config("jvp", T, d, q.dtype)
+        K._attn_jvp_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](*args, **flags, **cfg)
+
+
+def attention_jvp_triton(
+    qkv: Tensor, tqkv: Tensor, num_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed forward-mode AD: qkv and its tangent tqkv [B, 3*H*d, T] (any strides, each its own)
+    -> (out [B, H*d, T], tout [B, H*d, T], lse [B, H, T] fp32)."""
+    d = check_packed_jvp(qkv, tqkv, num_heads)
+    _check_triton("attention_jvp", qkv, tqkv)
+    B, C3, T = qkv.shape
+    C, H = C3 // 3, num_heads
+    out = qkv.new_empty(B, C, T)
+    tout = qkv.new_empty(B, C, T)
+    lse = qkv.new_empty(B, H, T, dtype=acc_dtype(qkv))
+    if out.numel() == 0:
+        return out, tout, lse
+    q, k, v = qkv[:, :C], qkv[:, C : 2 * C], qkv[:, 2 * C :]
+    tq, tk, tv = tqkv[:, :C], tqkv[:, C : 2 * C], tqkv[:, 2 * C :]
+    views = (q, k, v, tq, tk, tv, out, tout)
+    strides = tuple(_packed_strides(x, d) for x in views)
+    with device_guard(qkv):
+        _launch_jvp(q, k, v, tq, tk, tv, out, tout, lse, strides, B, H, T, d)
+    return out, tout, lse
+
+
+def attention_bhtd_jvp_triton(
+    q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None, tv: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split forward-mode AD: q, k, v [B, H, T, d] and tangents (each None (zero) or like q; any
+    strides) -> (out, tout [B, H, T, d] contiguous, lse [B, H, T] fp32)."""
+    check_bhtd_jvp(q, k, v, tq, tk, tv)
+    _check_triton("attention_bhtd_jvp", q, k, v, tq, tk, tv)
+    B, H, T, d = q.shape
+    out = torch.empty(B, H, T, d, device=q.device, dtype=q.dtype)
+    tout = torch.empty(B, H, T, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, T, device=q.device, dtype=acc_dtype(q))
+    if out.numel() == 0:
+        return out, tout, lse
+    views = (q, k, v, tq, tk, tv, out, tout)
+    strides = tuple(None if x is None else x.stride() for x in views)
+    with device_guard(q):
+        _launch_jvp(q, k, v, tq, tk, tv, out, tout, lse, strides, B, H, T, d)
+    return out, tout, lse

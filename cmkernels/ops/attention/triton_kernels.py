@@ -1,5 +1,5 @@
-"""The Triton kernels of attention (forward, backward delta, dK/dV, dQ) and their device
-functions; launched by ``launch.py``, imported only where triton is.
+"""The Triton kernels of attention (forward, backward delta, dK/dV, dQ, forward-mode JVP) and
+their device functions; launched by ``launch.py``, imported only where triton is.
 
 Every tensor is addressed as (batch, head, token, dim) through four element strides, which covers
 the packed layout ([B, 3C, T]: strides (3C*T, d*T, 1, T) for contiguous qkv), [B, H, T, d] tensors
@@ -411,3 +411,171 @@ def _attn_bwd_dq_kernel(
         dq_ptrs, _cast(dq * sm_scale, DQ.dtype.element_ty, INTERP_BF16),
         mask=mask_m[:, None] & mask_d[None, :],
     )  # fmt: skip
+
+
+# Forward-mode AD (JVP), the forward's online softmax carrying the tangent along. With tangents
+# Q', K', V' and S = scale Q K^T, P = softmax(S), O = P V:
+#   S' = scale (Q' K^T + Q K'^T)
+#   P' = P o (S' - rowsum(P o S'))            (the softmax's derivative, row by row)
+#   O' = P' V + P V' = P V' + (P o S') V - rowsum(P o S') o O
+# Over key blocks with the unnormalised p = exp2(s - m) (m the running max, l = rowsum(p)) keep,
+# all rescaled by alpha = exp2(m_old - m_new) like the forward's acc:
+#   acc   = sum p V                (P V   = acc / l)
+#   acc_t = sum p V' + (p o S') V  (P V' + (P o S') V = acc_t / l)
+#   r     = sum_j p o S'           (rowsum(P o S') = r / l)
+# and at the end O = acc / l, O' = acc_t / l - (r / l) O. Per key block that is six dots (QK^T,
+# Q'K^T, QK'^T, PV, PV', (P o S')V), three times the forward's two; the T x T matrices never
+# exist. A zero tangent (HAS_T* False) skips its loads and dots.
+# Precision with 16-bit inputs: p and p o S' enter the tensor-core dots rounded to the inputs'
+# dtype. For p that is the forward's rounding; p o S' is larger (S' ~ |Q'||K|) and its rounding
+# error, which r (from the unrounded values) does not see, was the tangent's largest error (up to
+# 2 output ulps in fp16 at T = 7). So it goes in as hi + lo, two 16-bit operands (a seventh dot):
+# (P o S') V then carries about fp32 accuracy, and O' the error of P's rounding, as O does.
+
+
+@triton.jit
+def _jvp_block(
+    acc, acc_t, l_i, m_i, r_i,  # (BLOCK_M, BLOCK_D) x 2 fp32, (BLOCK_M,) x 3 fp32 (m in log2 units)
+    q, tq,  # (BLOCK_M, BLOCK_D); tq unused without HAS_TQ
+    k_base, v_base, tk_base, tv_base,  # this head's K, V, K', V'
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    stride_tkt, stride_tkd, stride_tvt, stride_tvd,
+    start_n, T, qk_scale, sm_scale,
+    offs_n, offs_d, mask_d,
+    MASK_N: tl.constexpr, PAD_D: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, SPLIT_PDS: tl.constexpr,
+    PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+):  # fmt: skip
+    n = start_n + offs_n
+    mask_n = n < T
+    k = _load_tile(
+        k_base + n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask_n, mask_d, MASK_N, PAD_D
+    )  # (BLOCK_N, BLOCK_D)
+    s = _mma(q, tl.trans(k), PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    if MASK_N:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])  # 0 on padded keys
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(
+        v_base + n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask_n, mask_d, MASK_N, PAD_D
+    )  # (BLOCK_N, BLOCK_D)
+    p_lo = _cast(p, v.dtype, INTERP_BF16)
+    acc = acc * alpha[:, None] + _mma(p_lo, v, PRECISION, INTERP_BF16)
+    acc_t = acc_t * alpha[:, None]
+    if HAS_TV:
+        tv = _load_tile(
+            tv_base + n[:, None] * stride_tvt + offs_d[None, :] * stride_tvd,
+            mask_n, mask_d, MASK_N, PAD_D,
+        )  # fmt: skip
+        acc_t += _mma(p_lo, tv, PRECISION, INTERP_BF16)
+    if HAS_TQ or HAS_TK:
+        # S' / scale = Q' K^T + Q K'^T  (BLOCK_M, BLOCK_N)
+        if HAS_TQ:
+            ds = _mma(tq, tl.trans(k), PRECISION, INTERP_BF16)
+            if HAS_TK:
+                tk = _load_tile(
+                    tk_base + n[:, None] * stride_tkt + offs_d[None, :] * stride_tkd,
+                    mask_n, mask_d, MASK_N, PAD_D,
+                )  # fmt: skip
+                ds += _mma(q, tl.trans(tk), PRECISION, INTERP_BF16)
+        else:
+            tk = _load_tile(
+                tk_base + n[:, None] * stride_tkt + offs_d[None, :] * stride_tkd,
+                mask_n, mask_d, MASK_N, PAD_D,
+            )  # fmt: skip
+            ds = _mma(q, tl.trans(tk), PRECISION, INTERP_BF16)
+        pds = p * (ds * sm_scale)  # p o S', 0 on padded keys (p = 0, k = k' = 0 there)
+        r_i = r_i * alpha + tl.sum(pds, 1)
+        pds_hi = _cast(pds, v.dtype, INTERP_BF16)
+        acc_t += _mma(pds_hi, v, PRECISION, INTERP_BF16)
+        if SPLIT_PDS:  # the rounding error of pds_hi in a second 16-bit dot
+            pds_lo = _cast(pds - pds_hi.to(tl.float32), v.dtype, INTERP_BF16)
+            acc_t += _mma(pds_lo, v, PRECISION, INTERP_BF16)
+    return acc, acc_t, l_i, m_new, r_i
+
+
+@triton.jit
+def _attn_jvp_kernel(
+    Q, K, V,  # (B, H, T, d) through strides
+    TQ, TK, TV,  # their tangents (B, H, T, d) through strides; any tensor where HAS_T* is False
+    O, TO,  # (B, H, T, d) through strides, out: O and O'
+    LSE,  # (B, H, T) contiguous, fp32 out
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_tqb, stride_tqh, stride_tqt, stride_tqd,
+    stride_tkb, stride_tkh, stride_tkt, stride_tkd,
+    stride_tvb, stride_tvh, stride_tvt, stride_tvd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_tob, stride_toh, stride_tot, stride_tod,
+    H,  # heads
+    T,  # tokens
+    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale
+    HEAD_DIM: tl.constexpr,  # d
+    BLOCK_D: tl.constexpr,  # max(16, next_pow2(d))
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per step
+    PAD_D: tl.constexpr,  # HEAD_DIM != BLOCK_D: mask the head dim
+    HAS_TQ: tl.constexpr,  # Q' given (else zero)
+    HAS_TK: tl.constexpr,  # K' given
+    HAS_TV: tl.constexpr,  # V' given
+    SPLIT_PDS: tl.constexpr,  # 16-bit inputs: P o S' as a sum of two 16-bit operands (see above)
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
+    INTERP_BF16: tl.constexpr,  # see _mma and _cast
+):  # fmt: skip
+    pid_m, bh, b, h = _program(T, H, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < T
+    mask_d = offs_d < HEAD_DIM
+    q = _load_tile(
+        _tile_ptrs(Q, b, h, stride_qb, stride_qh, offs_m, stride_qt, offs_d, stride_qd),
+        mask_m, mask_d, True, PAD_D,
+    )  # fmt: skip
+    if HAS_TQ:
+        tq = _load_tile(
+            _tile_ptrs(TQ, b, h, stride_tqb, stride_tqh, offs_m, stride_tqt, offs_d, stride_tqd),
+            mask_m, mask_d, True, PAD_D,
+        )  # fmt: skip
+    else:
+        tq = q  # unused
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    tk_base = TK + b * stride_tkb + h * stride_tkh
+    tv_base = TV + b * stride_tvb + h * stride_tvh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Full key blocks without the key mask, then the ragged tail.
+    t_full = (T // BLOCK_N) * BLOCK_N
+    for start_n in range(0, t_full, BLOCK_N):
+        acc, acc_t, l_i, m_i, r_i = _jvp_block(
+            acc, acc_t, l_i, m_i, r_i, q, tq, k_base, v_base, tk_base, tv_base,
+            stride_kt, stride_kd, stride_vt, stride_vd,
+            stride_tkt, stride_tkd, stride_tvt, stride_tvd,
+            start_n, T, qk_scale, sm_scale, offs_n, offs_d, mask_d,
+            False, PAD_D, HAS_TQ, HAS_TK, HAS_TV, SPLIT_PDS, PRECISION, INTERP_BF16,
+        )  # fmt: skip
+    if t_full < T:
+        acc, acc_t, l_i, m_i, r_i = _jvp_block(
+            acc, acc_t, l_i, m_i, r_i, q, tq, k_base, v_base, tk_base, tv_base,
+            stride_kt, stride_kd, stride_vt, stride_vd,
+            stride_tkt, stride_tkd, stride_tvt, stride_tvd,
+            t_full, T, qk_scale, sm_scale, offs_n, offs_d, mask_d,
+            True, PAD_D, HAS_TQ, HAS_TK, HAS_TV, SPLIT_PDS, PRECISION, INTERP_BF16,
+        )  # fmt: skip
+    o = acc / l_i[:, None]  # as the forward kernel divides
+    to = (acc_t - r_i[:, None] * o) / l_i[:, None]
+    mask = mask_m[:, None] & mask_d[None, :]
+    o_ptrs = _tile_ptrs(O, b, h, stride_ob, stride_oh, offs_m, stride_ot, offs_d, stride_od)
+    tl.store(o_ptrs, _cast(o, O.dtype.element_ty, INTERP_BF16), mask=mask)
+    to_ptrs = _tile_ptrs(TO, b, h, stride_tob, stride_toh, offs_m, stride_tot, offs_d, stride_tod)
+    tl.store(to_ptrs, _cast(to, TO.dtype.element_ty, INTERP_BF16), mask=mask)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=mask_m)

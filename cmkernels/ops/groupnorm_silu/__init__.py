@@ -30,7 +30,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cmkernels.ops.common import FORWARD_AD_EAGER_ONLY, acc_dtype, has_tangent, split_duals
+from cmkernels.ops.common import (
+    FORWARD_AD_EAGER_ONLY,
+    acc_dtype,
+    has_tangent,
+    split_duals,
+    stacked_levels,
+)
 from cmkernels.ops.groupnorm_silu.checks import (
     check_backward_inputs,
     check_inputs,
@@ -206,23 +212,6 @@ torch.library.register_autograd(
 )
 
 
-def _nested_levels(*tensors: Tensor | None) -> bool:
-    """Whether two or more torch.func grad / jvp levels wrap tensors (jvp of jvp, grad of a jvp,
-    jvp of a grad, or a grad over the parameters of a jvp over x); vmap's levels do not count."""
-    fc = torch._C._functorch
-    if fc.maybe_current_level() is None:  # no transform active: the fast answer
-        return False
-    levels = set()
-    for t in tensors:
-        while t is not None:
-            if fc.is_batchedtensor(t):
-                t = fc.get_unwrapped(t)
-            elif fc.is_functorch_wrapped_tensor(t):
-                levels.add(fc.maybe_get_level(t))
-                t = fc.get_unwrapped(t)
-            else:
-                t = None
-    return len(levels) >= 2
 
 
 def _groupnorm_silu_composite(x, weight, bias, scale, shift, groups, eps, activation):
@@ -288,7 +277,7 @@ def _groupnorm_silu_forward_ad(x, weight, bias, scale, shift, groups, eps, activ
             x, tx, weight, tw, bias, tb, scale, ts, shift, tsh, groups, eps, activation
         )
         return torch.autograd.forward_ad.make_dual(y, ty)
-    if _nested_levels(x, weight, bias, scale, shift):
+    if stacked_levels(x, weight, bias, scale, shift):
         # (through an autograd.Function, the second-order term would be a silent zero)
         check_inputs(x, weight, bias, scale, shift, groups)
         return _groupnorm_silu_composite(x, weight, bias, scale, shift, groups, eps, activation)
@@ -328,7 +317,7 @@ def groupnorm_silu(
     """
     if has_tangent(x, weight, bias, scale, shift):  # forward-mode AD: func.jvp or dual tensors
         return _groupnorm_silu_forward_ad(x, weight, bias, scale, shift, groups, eps, activation)
-    if not torch.compiler.is_compiling() and _nested_levels(x, weight, bias, scale, shift):
+    if not torch.compiler.is_compiling() and stacked_levels(x, weight, bias, scale, shift):
         # torch.func transforms stacked without a tangent at this level (jvp of a grad, grad of
         # a grad): the registered ops' autograd cannot serve an outer level either.
         check_inputs(x, weight, bias, scale, shift, groups)
