@@ -104,12 +104,9 @@ CMK_INLINE float silu(float a) {
 CMK_INLINE double silu(double a) { return a * sigmoid(a); }
 
 #if CMK_HAVE_AVX2_PATH
-// The forward's SiLU pass in AVX2 intrinsics, where the compiler's vectorisation of silu() above
-// costs ~15% more: silu(a) = a / (1 + exp(-a)) with -a clamped to [-86, 86], so exp(-a) needs no
-// sign select (it may be large; a / (1 + t) still tends to 0 correctly) and e * 2^n is an integer
-// add on the exponent field (n in [-124, 124] keeps the result normal). The constants of
-// exp_nonpositive; max relative error ~2e-7 against float64.
-CMK_TARGET_AVX2 CMK_INLINE __m256 silu8(__m256 a) {
+// t = exp(-a) for 8 floats, -a clamped to [-86, 86]: the exponential of silu8 (and of the JVP
+// kernel's silu_jvp8, which must match silu8 to the bit).
+CMK_TARGET_AVX2 CMK_INLINE __m256 exp_neg8(__m256 a) {
   const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), a),
                                                _mm256_set1_ps(-86.0f)),
                                  _mm256_set1_ps(86.0f));  // a NaN becomes -86 here; a / ... stays NaN
@@ -124,7 +121,16 @@ CMK_TARGET_AVX2 CMK_INLINE __m256 silu8(__m256 a) {
   const __m256 p = _mm256_fmadd_ps(r2, _mm256_fmadd_ps(r2, p45, p23), p01);
   const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  const __m256 t = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
+}
+
+// The forward's SiLU pass in AVX2 intrinsics, where the compiler's vectorisation of silu() above
+// costs ~15% more: silu(a) = a / (1 + exp(-a)) with -a clamped to [-86, 86], so exp(-a) needs no
+// sign select (it may be large; a / (1 + t) still tends to 0 correctly) and e * 2^n is an integer
+// add on the exponent field (n in [-124, 124] keeps the result normal). The constants of
+// exp_nonpositive; max relative error ~2e-7 against float64.
+CMK_TARGET_AVX2 CMK_INLINE __m256 silu8(__m256 a) {
+  const __m256 t = exp_neg8(a);
   return _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), t));
 }
 

@@ -739,25 +739,11 @@ CMK_DISPATCHED(jvp_sums,
                 double& st, double& sxt),
                (x, tx, n, p, s, ss, st, sxt), (jvp_sums<float, float>(x, tx, n, p, s, ss, st, sxt)))
 #if CMK_HAVE_AVX2_PATH
-// (silu(a), silu'(a)) for 8 floats. t = exp(-a) by silu8's steps (cpu_math.h; keep the two in
-// step: a test compares y with the forward's bit for bit), then y = a / (1 + t) as silu8 returns
+// (silu(a), silu'(a)) for 8 floats. t = exp(-a) by silu8's own exp_neg8 (cpu_math.h; a test
+// compares y with the forward's bit for bit), then y = a / (1 + t) as silu8 returns
 // it, s = 1 / (1 + t) and silu'(a) = s (1 + a (1 - s)) = s (1 + t y) (1 - s = t s, a s = y).
 CMK_TARGET_AVX2 CMK_INLINE __m256 silu_jvp8(__m256 a, __m256& ds) {
-  const __m256 z = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), a),
-                                               _mm256_set1_ps(-86.0f)),
-                                 _mm256_set1_ps(86.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), z);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC1), r, _mm256_set1_ps(kExpC0));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC3), r, _mm256_set1_ps(kExpC2));
-  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(kExpC5), r, _mm256_set1_ps(kExpC4));
-  const __m256 p = _mm256_fmadd_ps(r2, _mm256_fmadd_ps(r2, p45, p23), p01);
-  const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i scale = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  const __m256 t = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
+  const __m256 t = exp_neg8(a);
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 d = _mm256_add_ps(one, t);
   const __m256 y = _mm256_div_ps(a, d);
