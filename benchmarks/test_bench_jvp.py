@@ -18,8 +18,10 @@ during one call above what was allocated before it: on CUDA from the caching all
 statistics, on the CPU from the profiler's allocation events (every tensor allocation and free).
 
 Training providers (cd and ct, the gray32 network): "cmkernels-discrete" (the l2 ConsistencyLoss
-on the N = 18 grid) and "cmkernels-continuous" (ContinuousConsistencyLoss: teacher velocity or z,
-one target JVP, the online forward and backward), img/s side by side.
+on the N = 18 grid), "cmkernels-continuous" (ContinuousConsistencyLoss with target stopgrad(theta),
+the trainer's default: one online forward that carries the tangent, and its backward) and
+"cmkernels-continuous-ema-target" (a separate target network: the online forward, a target JVP,
+the backward), img/s side by side.
 
 On the CPU the cases are scaled down (fp32; imagenet64 at batch 1 for its 32 x 32 = 1,024-token
 attention, no compiled imagenet64 case: Inductor on 2 cores takes many minutes for it).
@@ -125,6 +127,7 @@ def test_consistency_function_jvp(benchmark, monkeypatch, preset, batch, precisi
                               (v, torch.ones_like(sigma)))  # fmt: skip
 
     if provider == "cmkernels":
+
         def jvp(x, sigma, v):
             return model.jvp(x, sigma, v, labels)
     elif provider == "torch.compile":
@@ -134,8 +137,10 @@ def test_consistency_function_jvp(benchmark, monkeypatch, preset, batch, precisi
                 jvp(x, sigma, v)
         except Exception as exc:  # not a silent eager fallback: the row is absent, with why
             reason = str(exc).strip().splitlines()[0][:160]
-            pytest.skip(f"torch.compile cannot compile torch.func.jvp of this model "
-                        f"(torch {torch.__version__}): {type(exc).__name__}: {reason}")
+            pytest.skip(
+                f"torch.compile cannot compile torch.func.jvp of this model "
+                f"(torch {torch.__version__}): {type(exc).__name__}: {reason}"
+            )
     else:
         jvp = user_jvp
 
@@ -150,7 +155,9 @@ def test_consistency_function_jvp(benchmark, monkeypatch, preset, batch, precisi
     benchmark.extra_info["peak_mem_mb"] = round(peak_memory_bytes(call) / 2**20, 1)
 
 
-@pytest.mark.parametrize("provider", ["cmkernels-discrete", "cmkernels-continuous"])
+@pytest.mark.parametrize(
+    "provider", ["cmkernels-discrete", "cmkernels-continuous", "cmkernels-continuous-ema-target"]
+)
 @pytest.mark.parametrize("mode", ["cd", "ct"])
 def test_train_step_continuous_vs_discrete(benchmark, mode, provider):
     preset, batch = "gray32", TRAIN_BATCH
@@ -159,8 +166,10 @@ def test_train_step_continuous_vs_discrete(benchmark, mode, provider):
     opt = torch.optim.Adam(params, lr=1e-4)
     target = copy.deepcopy(model).requires_grad_(False)
     teacher = _model(preset, "kernels", "edm") if mode == "cd" else None
-    continuous = provider.endswith("continuous")
-    loss_fn = losses.ContinuousConsistencyLoss() if continuous else losses.ConsistencyLoss()
+    if provider == "cmkernels-discrete":
+        loss_fn = losses.ConsistencyLoss()
+    else:
+        loss_fn = losses.ContinuousConsistencyLoss(target_is_model=provider.endswith("continuous"))
     x, _, _, _ = _inputs(preset, batch)
     x = x.clamp(-1, 1)
     gen = torch.Generator().manual_seed(0)
@@ -186,8 +195,9 @@ ATTN_JVP_SHAPES = [(16, 6, 1024, 64), (64, 8, 256, 64)] if ON_GPU else [(4, 6, 1
 
 
 @pytest.mark.parametrize("provider", ["cmkernels-forward", "cmkernels-jvp", "eager-math-jvp"])
-@pytest.mark.parametrize("B, H, T, d", ATTN_JVP_SHAPES,
-                         ids=[f"B{b}-H{h}-T{t}-d{d}" for b, h, t, d in ATTN_JVP_SHAPES])
+@pytest.mark.parametrize(
+    "B, H, T, d", ATTN_JVP_SHAPES, ids=[f"B{b}-H{h}-T{t}-d{d}" for b, h, t, d in ATTN_JVP_SHAPES]
+)
 def test_attention_jvp_op(benchmark, B, H, T, d, provider):
     """The attention JVP alone on the packed layout. TFLOP/s counts the forward's matmul work
     (4 B H T^2 d) times 3 for the JVP rows: an ideal JVP costs about three forwards, so a JVP row

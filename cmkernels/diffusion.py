@@ -9,6 +9,7 @@ scalings for the teacher and the boundary-condition scalings for consistency mod
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from cmkernels.noise_schedule import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
@@ -36,6 +37,28 @@ def c_noise(sigma: Tensor, convention: str = "official") -> Tensor:
     if convention == "edm":
         return torch.log(sigma) / 4
     raise ValueError(f"unknown c_noise convention {convention!r} (official | edm)")
+
+
+def c_noise_derivative(sigma: Tensor, convention: str = "official") -> Tensor:
+    """d c_noise / d sigma."""
+    if convention == "official":
+        return 250.0 / (sigma + 1e-44)
+    if convention == "edm":
+        return 0.25 / sigma
+    raise ValueError(f"unknown c_noise convention {convention!r} (official | edm)")
+
+
+def scalings_derivatives(sigma: Tensor, sigma_data: float, sigma_shift: float):
+    """d/dsigma of (c_skip, c_out, c_in) for the scalings with boundary point sigma_shift
+    (sigma_min for consistency models, 0 for EDM, whose scalings are the same formulas at 0):
+    with a = sigma - sigma_shift, A = a^2 + sigma_data^2 and S = sigma^2 + sigma_data^2,
+    c_skip' = -2 sigma_data^2 a / A^2, c_out' = sigma_data (S - a sigma) / S^1.5 and
+    c_in' = -sigma / S^1.5."""
+    a = sigma - sigma_shift
+    A = a**2 + sigma_data**2
+    S = sigma**2 + sigma_data**2
+    S15 = S * S.sqrt()
+    return -2 * sigma_data**2 * a / A**2, sigma_data * (S - a * sigma) / S15, -sigma / S15
 
 
 class Denoiser(nn.Module):
@@ -86,10 +109,66 @@ class Denoiser(nn.Module):
         F_x = self.net(
             (c_in * x).to(x.dtype), c_noise(sigma, self.c_noise_convention), class_labels
         )
-        return (c_skip * x.float() + c_out * F_x.float()).to(x.dtype), F_x
+        acc = torch.promote_types(x.dtype, torch.float32)
+        return (c_skip * x.to(acc) + c_out * F_x.to(acc)).to(x.dtype), F_x
 
-    def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
-        return self._parts(x, self._sigmas(x, sigma), class_labels)[0]
+    def _explicit_tangent(self, *tensors) -> bool:
+        """Whether the network's written-out tangent forward serves: a UNet, and no torch.func
+        transform or forward-AD dual tensor around the call (they would need derivatives of the
+        tangent, which that forward does not record)."""
+        if not hasattr(self.net, "forward_with_tangent"):
+            return False
+        if torch._C._functorch.maybe_current_level() is not None:
+            return False
+        return all(fwAD.unpack_dual(t).tangent is None for t in tensors)
+
+    def _with_tangent(self, x: Tensor, sigma: Tensor, v: Tensor, class_labels,
+                      network_tangent: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(D(x, sigma), dD/dsigma along (v, 1)) through UNet.forward_with_tangent: D as
+        forward() computes it (recorded by autograd in grad mode), the tangent never recorded."""
+        shift = self.sigma_min if self.parameterization == "cm" else 0.0
+        c_skip, c_out, c_in = (c.view(-1, 1, 1, 1) for c in self.scalings(sigma))
+        d_skip, d_out, d_in = (
+            c.view(-1, 1, 1, 1) for c in scalings_derivatives(sigma, self.sigma_data, shift)
+        )
+        noise = c_noise(sigma, self.c_noise_convention)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        with torch.no_grad():
+            t_in = (d_in * x.to(acc) + c_in * v.to(acc)).to(x.dtype)
+            t_noise = c_noise_derivative(sigma, self.c_noise_convention)
+        F_x, t_F = self.net.forward_with_tangent(
+            (c_in * x).to(x.dtype), t_in, noise, t_noise, class_labels
+        )
+        D = (c_skip * x.to(acc) + c_out * F_x.to(acc)).to(x.dtype)
+        with torch.no_grad():
+            F_acc = F_x.detach().to(acc)
+            dD = d_skip * x.to(acc) + c_skip * v.to(acc) + d_out * F_acc
+            dD = dD + network_tangent * c_out * t_F.to(acc)
+        return D, dD.to(x.dtype)
+
+    def forward(self, x: Tensor, sigma, class_labels: Tensor | None = None, *,
+                tangent: Tensor | None = None, network_tangent: float = 1.0):  # fmt: skip
+        """D(x, sigma); with `tangent` v, the pair (D, dD/dsigma along (v, 1)) from one pass that
+        shares the value: D is recorded by autograd as without a tangent, the tangent is a
+        constant (what the continuous-time objective needs of stopgrad(theta): its value and
+        its tangent from the online network's single forward). network_tangent as in jvp()."""
+        sigma = self._sigmas(x, sigma)
+        if tangent is None:
+            return self._parts(x, sigma, class_labels)[0]
+        if tangent.shape != x.shape:
+            raise ValueError(f"tangent has shape {tuple(tangent.shape)}; x has {tuple(x.shape)}")
+        v = tangent.to(x.dtype)
+        if self._explicit_tangent(x, v):
+            return self._with_tangent(x, sigma, v, class_labels, network_tangent)
+        from cmkernels.losses import _rng_state, _same_dropout
+
+        state = _rng_state(x.device)  # the tangent pass draws the value's dropout masks again
+        D = self._parts(x, sigma, class_labels)[0]
+        with torch.no_grad():
+            dD = _same_dropout(
+                lambda: self.jvp(x, sigma, v, class_labels, network_tangent)[1], state, x.device
+            )
+        return D, dD
 
     def jvp(self, x: Tensor, sigma, v: Tensor, class_labels: Tensor | None = None,
             network_tangent: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -105,6 +184,8 @@ class Denoiser(nn.Module):
         if v.shape != x.shape:
             raise ValueError(f"v has shape {tuple(v.shape)}; x has {tuple(x.shape)}")
         sigma = self._sigmas(x, sigma)
+        if not torch.is_grad_enabled() and self._explicit_tangent(x, v):
+            return self._with_tangent(x, sigma, v.to(x.dtype), class_labels, network_tangent)
         (D, _), (dD, dF) = torch.func.jvp(
             lambda x_, s_: self._parts(x_, s_, class_labels),
             (x, sigma),

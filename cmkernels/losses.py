@@ -290,11 +290,16 @@ class ContinuousConsistencyLoss:
                      tangent warm-up, carried over to the EDM parameterisation: see Denoiser.jvp);
                      0: off.
     adaptive:        an AdaptiveWeight module (sCM's learned weighting), or None.
+    target_is_model: the target is stopgrad(theta) (target EMA rate 0): its value and tangent come
+                     from the online network's own pass, `model(x_t, t, tangent=v)` (one forward
+                     with the fused value+tangent kernels, instead of a forward and a separate
+                     JVP of the target copy). The `target` argument is then not evaluated.
     """
 
     tangent_norm: float = 0.0
     tangent_warmup: int = 0
     adaptive: nn.Module | None = None
+    target_is_model: bool = False
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
     rho: float = RHO
@@ -330,9 +335,13 @@ class ContinuousConsistencyLoss:
         x_t = x + t.view(bc) * noise
         with torch.no_grad():
             v = self.velocity(x, noise, x_t, t, teacher, labels)
-        rng = _rng_state(x.device)
-        online = model(x_t, t, labels)
-        g = _same_dropout(lambda: self.tangent(target, x_t, t, v, r, labels), rng, x.device)
+        if self.target_is_model:
+            online, g = model(x_t, t, labels, tangent=v, network_tangent=r)
+            g = g.to(torch.promote_types(g.dtype, torch.float32))
+        else:
+            rng = _rng_state(x.device)
+            online = model(x_t, t, labels)
+            g = _same_dropout(lambda: self.tangent(target, x_t, t, v, r, labels), rng, x.device)
         delta = w.view(bc) * g  # lambda(t) = 1
         if self.tangent_norm > 0:
             norm = delta.flatten(1).norm(dim=1).view(bc)

@@ -142,18 +142,39 @@ def get_preset(name: str, **overrides) -> UNetConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding [cos, sin] of the network's time input t [B] -> [B, dim]."""
+def _embedding_args(t: Tensor, dim: int, max_period: float) -> tuple[Tensor, Tensor]:
+    """(t [B, 1] * freqs [1, dim // 2], freqs) of the sinusoidal embedding, in float32 (float64
+    for a float64 t)."""
     half = dim // 2
-    dtype = torch.promote_types(t.dtype, torch.float32)  # float32, or float64 for float64 t
+    dtype = torch.promote_types(t.dtype, torch.float32)
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half
     )
-    args = t.to(dtype)[:, None] * freqs[None]
+    return t.to(dtype)[:, None] * freqs[None], freqs
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding [cos, sin] of the network's time input t [B] -> [B, dim]."""
+    args, _ = _embedding_args(t, dim, max_period)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def timestep_embedding_with_tangent(
+    t: Tensor, tt: Tensor, dim: int, max_period: float = 10000.0
+) -> tuple[Tensor, Tensor]:
+    """(timestep_embedding(t), its tangent along tt [B]): d/dt [cos(t f), sin(t f)] =
+    [-sin(t f) f, cos(t f) f]."""
+    args, freqs = _embedding_args(t, dim, max_period)
+    cos, sin = torch.cos(args), torch.sin(args)
+    rate = tt.to(args.dtype)[:, None] * freqs[None]
+    emb, temb = torch.cat([cos, sin], dim=-1), torch.cat([-sin * rate, cos * rate], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        temb = torch.cat([temb, torch.zeros_like(temb[:, :1])], dim=-1)
+    return emb, temb
 
 
 def groupnorm_silu_eager(
@@ -217,6 +238,116 @@ class _Ops:
     def attention(self, qkv, num_heads):
         return OP_SETS[self.config.ops].attention(qkv, num_heads)
 
+    # The tangent-propagating forms: (value, tangent) pairs; see UNet.forward_with_tangent.
+
+    def gn_with_tangent(self, x, tx, norm: nn.GroupNorm, scale=None, shift=None, tscale=None,
+                        tshift=None, activation=True):  # fmt: skip
+        kw = dict(groups=norm.num_groups, eps=norm.eps, activation=activation)
+        if self.config.ops == "kernels":
+            if not _records_graph(x, norm.weight, norm.bias, scale, shift):
+                return _ops.groupnorm_silu_with_tangent(
+                    x, tx, norm.weight, norm.bias, scale, shift, tscale=tscale, tshift=tshift, **kw
+                )  # one launch: value and tangent
+            y = self.gn(x, norm, scale, shift, activation)  # recorded for the backward
+            with torch.no_grad():
+                _, ty = _ops.groupnorm_silu_with_tangent(
+                    x.detach(), tx, norm.weight.detach(), norm.bias.detach(),
+                    _detached(scale), _detached(shift), tscale=tscale, tshift=tshift, **kw,
+                )  # fmt: skip
+            return y, ty
+        fn = OP_SETS[self.config.ops].groupnorm_silu
+        y = self.gn(x, norm, scale, shift, activation)
+        with torch.no_grad():
+            ty = _tangent_of(
+                lambda x_, s_, h_: fn(x_, norm.weight, norm.bias, s_, h_, **kw),
+                (x, scale, shift), (tx, tscale, tshift),
+            )  # fmt: skip
+        return y, ty
+
+    def attention_with_tangent(self, qkv, tqkv, num_heads):
+        if self.config.ops == "kernels":
+            if not _records_graph(qkv):
+                return _ops.attention_with_tangent(qkv, tqkv, num_heads)
+            y = self.attention(qkv, num_heads)
+            with torch.no_grad():
+                return y, _ops.attention_with_tangent(qkv.detach(), tqkv, num_heads)[1]
+        y = self.attention(qkv, num_heads)  # "eager" is SDPA: no forward AD, so the reference's
+        with torch.no_grad():  # math attention gives its tangent
+            ty = _tangent_of(lambda q: _ops.attention_ref(q, num_heads), (qkv,), (tqkv,))
+        return y, ty.to(y.dtype)
+
+
+def _records_graph(*tensors) -> bool:
+    """Whether autograd records this call (grad mode on and an input that requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def _tangent_of(fn, primals, tangents) -> Tensor:
+    """The tangent of fn(*primals) along tangents by torch.func.jvp; None primals are passed
+    through as None, a None tangent of a given primal is zero."""
+    given = [i for i, p in enumerate(primals) if p is not None]
+
+    def call(*args):
+        full = list(primals)
+        for i, a in zip(given, args):
+            full[i] = a
+        return fn(*full)
+
+    ps = tuple(primals[i].detach() for i in given)
+    ts = tuple(
+        tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i]) for i in given
+    )
+    return torch.func.jvp(call, ps, ts)[1]
+
+
+# Up to this many pixels, value and tangent go through one convolution of the batch [x; tx]
+# (without grad): small images leave the GEMM underfilled, so doubling its rows is nearly free.
+_STACKED_CONV_PIXELS = 256
+
+
+def _conv_with_tangent(conv: nn.Conv2d, x, tx):
+    """(conv(x), W * tx): the weights carry no tangent, so the tangent is one bias-free
+    convolution. (torch.func.jvp's rule for convolution also convolves x with a materialised
+    zero weight tangent: a third convolution, and a weight-sized buffer.)"""
+    B = x.shape[0]
+    if x.shape[-2] * x.shape[-1] <= _STACKED_CONV_PIXELS and not _records_graph(x, conv.weight):
+        both = F.conv2d(torch.cat([x, tx.to(x.dtype)]), conv.weight, None, conv.stride,
+                        conv.padding, conv.dilation, conv.groups)  # fmt: skip
+        y, ty = both[:B], both[B:]
+        if conv.bias is not None:
+            y = y + conv.bias.to(y.dtype).view(-1, 1, 1)
+        return y, ty
+    with torch.no_grad():
+        ty = F.conv2d(tx, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv(x), ty
+
+
+def _linear_with_tangent(linear: nn.Linear, x, tx):
+    with torch.no_grad():
+        ty = F.linear(tx, linear.weight)
+    return linear(x), ty
+
+
+def _silu_with_tangent(x, tx):
+    """(silu(x), silu'(x) tx) with silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
+    with torch.no_grad():
+        s = torch.sigmoid(x)
+        ty = tx * (s * (1 + x * (1 - s)))
+    return F.silu(x), ty
+
+
+def _dropout_with_tangent(drop: nn.Dropout, h, th):
+    """Dropout of the value and its tangent with one mask (drawn as nn.Dropout draws it: the
+    same random numbers for the same shape)."""
+    if not drop.training or drop.p == 0:
+        return h, th
+    mask = F.dropout(torch.ones_like(h), drop.p, training=True)
+    return h * mask, th * mask
+
 
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(GROUPS, ch, eps=NORM_EPS)
@@ -259,6 +390,26 @@ class ResBlock(nn.Module):
         h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
 
+    def forward_with_tangent(self, x, tx, emb, temb):
+        h, th = self.ops.gn_with_tangent(x, tx, self.in_layers[0])
+        h, th = _conv_with_tangent(self.in_layers[2], self._resample(h), self._resample(th))
+        x, tx = self._resample(x), self._resample(tx)
+        e, te = _linear_with_tangent(self.emb_layers[1], *_silu_with_tangent(emb, temb))
+        e, te = e.to(h.dtype), te.to(h.dtype)
+        if self.scale_shift:
+            (scale, shift), (tscale, tshift) = e.chunk(2, dim=1), te.chunk(2, dim=1)
+            h, th = self.ops.gn_with_tangent(h, th, self.out_layers[0], scale, shift, tscale,
+                                             tshift)  # fmt: skip
+        else:
+            h, th = self.ops.gn_with_tangent(
+                h + e[:, :, None, None], th + te[:, :, None, None], self.out_layers[0]
+            )
+        h, th = _dropout_with_tangent(self.out_layers[2], h, th)
+        h, th = _conv_with_tangent(self.out_layers[3], h, th)
+        if isinstance(self.skip_connection, nn.Conv2d):
+            x, tx = _conv_with_tangent(self.skip_connection, x, tx)
+        return x + h, tx + th
+
 
 class AttentionBlock(nn.Module):
     def __init__(self, ops: _Ops, ch: int, num_heads: int, num_head_channels: int):
@@ -277,6 +428,16 @@ class AttentionBlock(nn.Module):
         h = self.ops.attention(qkv.reshape(B, 3 * C, H * W), self.num_heads)  # (B, C, T)
         return x + self.proj_out(h.reshape(B, C, H, W))
 
+    def forward_with_tangent(self, x, tx, emb=None, temb=None):
+        B, C, H, W = x.shape
+        h, th = self.ops.gn_with_tangent(x, tx, self.norm, activation=False)
+        qkv, tqkv = _conv_with_tangent(self.qkv, h, th)
+        h, th = self.ops.attention_with_tangent(
+            qkv.reshape(B, 3 * C, H * W), tqkv.reshape(B, 3 * C, H * W), self.num_heads
+        )
+        h, th = _conv_with_tangent(self.proj_out, h.reshape(B, C, H, W), th.reshape(B, C, H, W))
+        return x + h, tx + th
+
 
 class Downsample(nn.Module):
     def __init__(self, ch: int, out_ch: int):
@@ -285,6 +446,9 @@ class Downsample(nn.Module):
 
     def forward(self, x, emb=None):
         return self.op(x)
+
+    def forward_with_tangent(self, x, tx, emb=None, temb=None):
+        return _conv_with_tangent(self.op, x, tx)
 
 
 class Upsample(nn.Module):
@@ -295,6 +459,10 @@ class Upsample(nn.Module):
     def forward(self, x, emb=None):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
+    def forward_with_tangent(self, x, tx, emb=None, temb=None):
+        up = [F.interpolate(t, scale_factor=2, mode="nearest") for t in (x, tx)]
+        return _conv_with_tangent(self.conv, *up)
+
 
 class Block(nn.Sequential):
     """A sequence of layers that take (h, emb)."""
@@ -303,6 +471,14 @@ class Block(nn.Sequential):
         for layer in self:
             h = layer(h, emb) if not isinstance(layer, nn.Conv2d) else layer(h)
         return h
+
+    def forward_with_tangent(self, h, th, emb, temb):
+        for layer in self:
+            if isinstance(layer, nn.Conv2d):
+                h, th = _conv_with_tangent(layer, h, th)
+            else:
+                h, th = layer.forward_with_tangent(h, th, emb, temb)
+        return h, th
 
 
 class UNet(nn.Module):
@@ -364,19 +540,23 @@ class UNet(nn.Module):
         self.config.ops = which
         return self
 
-    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def _check(self, x: Tensor, class_labels: Tensor | None) -> None:
         c = self.config
         if x.dim() != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be [B, {c.in_channels}, H, W], got {tuple(x.shape)}")
+        if c.num_classes is not None and class_labels is None:
+            raise ValueError("this UNet is class-conditional: pass class_labels")
+        if c.num_classes is None and class_labels is not None:
+            raise ValueError("this UNet is unconditional: class_labels must be None")
+
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        self._check(x, class_labels)
+        c = self.config
         emb = self.time_embed(
             timestep_embedding(c_noise.reshape(-1).expand(x.shape[0]), c.model_channels)
         )
         if c.num_classes is not None:
-            if class_labels is None:
-                raise ValueError("this UNet is class-conditional: pass class_labels")
             emb = emb + self.label_emb(class_labels)
-        elif class_labels is not None:
-            raise ValueError("this UNet is unconditional: class_labels must be None")
         h, hs = x, []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -386,3 +566,39 @@ class UNet(nn.Module):
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         h = self.ops.gn(h, self.out[0])
         return self.out[2](h)
+
+    def forward_with_tangent(self, x: Tensor, tx: Tensor, c_noise: Tensor, t_c_noise: Tensor,
+                             class_labels: Tensor | None = None):  # fmt: skip
+        """(F(x, c_noise), its tangent along (tx, t_c_noise)): forward-mode AD written out, each
+        layer passing a (value, tangent) pair on, with the fused ops' one-launch value+tangent
+        kernels. The weights carry no tangent, and no dual tensors are made, so it compiles under
+        torch.compile(fullgraph=True) and captures in CUDA graphs.
+
+        The value is computed as forward() computes it (recorded by autograd when grad mode is on
+        and the weights require grad); the tangent is never recorded (a constant for the
+        backward, as the continuous-time objective's stopgrad wants). Under torch.no_grad() the
+        fused ops compute value and tangent together. Dropout layers in training mode apply one
+        mask to both. tx: like x; t_c_noise: like c_noise."""
+        self._check(x, class_labels)
+        if tx.shape != x.shape:
+            raise ValueError(f"tx has shape {tuple(tx.shape)}; x has {tuple(x.shape)}")
+        c = self.config
+        B = x.shape[0]
+        emb, temb = timestep_embedding_with_tangent(
+            c_noise.reshape(-1).expand(B), t_c_noise.reshape(-1).expand(B), c.model_channels
+        )
+        emb, temb = _linear_with_tangent(self.time_embed[0], emb, temb)
+        emb, temb = _linear_with_tangent(self.time_embed[2], *_silu_with_tangent(emb, temb))
+        if c.num_classes is not None:
+            emb = emb + self.label_emb(class_labels)  # no tangent: labels are constants
+        h, th, hs = x, tx.to(x.dtype), []
+        for block in self.input_blocks:
+            h, th = block.forward_with_tangent(h, th, emb, temb)
+            hs.append((h, th))
+        h, th = self.middle_block.forward_with_tangent(h, th, emb, temb)
+        for block in self.output_blocks:
+            s, ts = hs.pop()
+            h, th = torch.cat([h, s], dim=1), torch.cat([th, ts], dim=1)
+            h, th = block.forward_with_tangent(h, th, emb, temb)
+        h, th = self.ops.gn_with_tangent(h, th, self.out[0])
+        return _conv_with_tangent(self.out[2], h, th)

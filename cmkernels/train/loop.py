@@ -87,7 +87,8 @@ def build_loss(cfg: TrainConfig, device: torch.device, weighting: nn.Module | No
     if cfg.continuous:
         return ContinuousConsistencyLoss(tangent_norm=cfg.tangent_norm,
                                          tangent_warmup=cfg.tangent_warmup,
-                                         adaptive=weighting)  # fmt: skip
+                                         adaptive=weighting,
+                                         target_is_model=cfg.target_ema == 0)  # fmt: skip
     ict = cfg.mode == "ct" and cfg.ict
     distance = cfg.distance
     if distance == "lpips":
@@ -501,8 +502,12 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.dist.main:
-            print(f"\nCtrl-C: finishing step {self.step + 1}, then saving a checkpoint "
-                  "(Ctrl-C again to stop at once without saving)", file=sys.stderr, flush=True)
+            print(
+                f"\nCtrl-C: finishing step {self.step + 1}, then saving a checkpoint "
+                "(Ctrl-C again to stop at once without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # -- the run directory -----------------------------------------------------------------------
 

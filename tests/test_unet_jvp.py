@@ -1,0 +1,309 @@
+"""The UNet's written-out forward-mode pass (UNet.forward_with_tangent) and the Denoiser paths
+built on it (Denoiser.jvp without grad, Denoiser.forward(tangent=)): against torch.func.jvp of
+the pure-PyTorch model in float64, in every layout and mode the trainer uses, and the fallbacks
+where the written-out pass cannot serve (torch.func transforms, dual tensors, other networks)."""
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from test_continuous import REFERENCE, needs_data, rel_l2
+from torch import nn
+
+from cmkernels.diffusion import Denoiser
+from cmkernels.losses import ContinuousConsistencyLoss
+from cmkernels.unet import UNet, UNetConfig
+
+
+def _net(ops="reference", seed=0, num_classes=None, dropout=0.0, **overrides) -> UNet:
+    """A small UNet (two levels, attention at 4x4, one level resampling by ResBlocks) with every
+    weight random: the zero-initialised output convolutions would hide most of it."""
+    torch.manual_seed(seed)
+    kw = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, num_res_blocks=1,
+              channel_mult=(1, 2), attention_resolutions=(4,), num_heads=2, num_head_channels=-1,
+              num_classes=num_classes, dropout=dropout, ops=ops)  # fmt: skip
+    cfg = UNetConfig(**{**kw, **overrides})
+    net = UNet(cfg)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    return net
+
+
+def _inputs(B=3, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, 8, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, 3, 8, 8, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 1.3, 30.0, 7.0, 0.4][:B], dtype=torch.float64)
+    return x.to(dtype), v.to(dtype), sigma.to(dtype)
+
+
+def _want(den: Denoiser, x, sigma, v, labels=None):
+    """torch.func.jvp of the whole consistency function (the float64 ground truth)."""
+    return torch.func.jvp(
+        lambda x_, s_: den(x_, s_, labels), (x, sigma), (v, torch.ones_like(sigma))
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The official networks.
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["imagenet64_mini", "lsun256_mini"])
+def test_written_out_tangent_equals_torch_func_jvp_on_the_official_networks(name):
+    """On the reference ops in float64 the written-out pass is torch.func.jvp (to 1e-12); with the
+    fused kernels or the eager ops in float32 it is within float32 rounding of it."""
+    e = torch.load(REFERENCE, weights_only=True)[name]
+    sig = e["sigmas"].double()
+    gen = torch.Generator().manual_seed(2)
+    x64 = e["x"].double() * sig.view(-1, 1, 1, 1)
+    v64 = torch.randn(x64.shape, generator=gen, dtype=torch.float64)
+
+    def denoiser(ops, dtype):
+        net = UNet(UNetConfig.from_official(e["config"], ops=ops))
+        net.load_state_dict(e["state_dict"], strict=True)
+        return Denoiser(net, "cm").to(dtype).eval()
+
+    ref = denoiser("reference", torch.float64)
+    with torch.no_grad():
+        f_want, g_want = _want(ref, x64, sig, v64, e["y"])
+        assert ref._explicit_tangent(x64, v64)
+        f, g = ref.jvp(x64, sig, v64, e["y"])
+    assert g_want.abs().max() > 0
+    assert rel_l2(f, f_want) < 1e-12 and rel_l2(g, g_want) < 1e-12, (
+        rel_l2(f, f_want),
+        rel_l2(g, g_want),
+    )
+    for ops in ("kernels", "eager"):
+        den = denoiser(ops, torch.float32)
+        with torch.no_grad():
+            f, g = den.jvp(x64.float(), sig.float(), v64.float(), e["y"])
+        assert rel_l2(f, f_want) < 1e-5, (ops, rel_l2(f, f_want))
+        assert rel_l2(g, g_want) < 1e-4, (ops, rel_l2(g, g_want))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts, dtypes and modes.
+
+
+PLAIN_BLOCKS = dict(use_scale_shift_norm=False, resblock_updown=False, num_head_channels=16)
+
+
+@pytest.mark.parametrize("ops", ["kernels", "eager", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "plain-blocks"])
+def test_unet_forward_with_tangent_against_float64(ops, layout):
+    """Class-conditional, scale-shift norm, resampling ResBlocks, attention (or additive
+    timestep embedding, strided-conv and nearest+conv resampling: "plain-blocks"); x and tx
+    contiguous, channels_last or non-contiguous views; a c_noise per sample and its tangent."""
+    arch = PLAIN_BLOCKS if layout == "plain-blocks" else {}
+    want_net = _net("reference", num_classes=5, **arch).double()
+    net = _net(ops, num_classes=5, **arch).float()
+    x, v, sigma = _inputs(B=4)
+    labels = torch.tensor([0, 3, 4, 1])
+    noise = torch.log(sigma) * 0.25
+    tnoise = torch.randn(4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    f_want, g_want = torch.func.jvp(
+        lambda x_, c_: want_net(x_, c_, labels), (x, noise), (v, tnoise)
+    )
+    xf, vf = x.float(), v.float()
+    if layout == "channels_last":
+        xf, vf = (t.contiguous(memory_format=torch.channels_last) for t in (xf, vf))
+    elif layout == "strided":
+        xf = torch.randn(4, 3, 8, 16)[..., ::2].copy_(xf)
+        vf = torch.randn(4, 3, 16, 8).transpose(2, 3)[:, :, :, ::2].transpose(2, 3).copy_(vf)
+        assert not xf.is_contiguous() and not vf.is_contiguous()
+    with torch.no_grad():
+        f, g = net.forward_with_tangent(xf, vf, noise.float(), tnoise.float(), labels)
+    assert rel_l2(f, f_want) < 1e-5, rel_l2(f, f_want)
+    assert rel_l2(g, g_want) < 1e-4, rel_l2(g, g_want)
+
+
+@pytest.mark.parametrize("ops", ["kernels", "reference"])
+def test_bf16_autocast_tangent_is_as_accurate_as_pytorchs_own(ops):
+    """Under bf16 autocast the tangent is within 2x (plus slack for this small sample) of the
+    error torch.func.jvp of the pure-PyTorch model makes under the same autocast."""
+    den64 = Denoiser(_net("reference")).double()
+    den = Denoiser(_net(ops))
+    ref = Denoiser(_net("reference"))
+    x, v, sigma = _inputs()
+    with torch.no_grad():
+        _, g_want = _want(den64, x, sigma, v)
+        with torch.autocast("cpu", torch.bfloat16):
+            _, g = den.jvp(x.float(), sigma.float(), v.float())
+            _, g_torch = _want(ref, x.float(), sigma.float(), v.float())
+    ours, theirs = rel_l2(g.float(), g_want), rel_l2(g_torch.float(), g_want)
+    assert theirs > 1e-4  # bf16 rounding is really in play
+    assert ours <= 2 * theirs + 5e-3, (ours, theirs)
+
+
+def test_train_mode_dropout_draws_one_mask_for_value_and_tangent():
+    """With dropout in training mode the value is forward()'s for the same RNG state, and the
+    tangent is torch.func.jvp of that same realisation (same masks)."""
+    net = _net("reference", dropout=0.3).double().train()
+    x, v, sigma = _inputs()
+    noise, tnoise = torch.log(sigma) * 0.25, torch.full_like(sigma, 0.7)
+    torch.manual_seed(11)
+    f_want, g_want = torch.func.jvp(lambda x_, c_: net(x_, c_), (x, noise), (v, tnoise))
+    torch.manual_seed(11)
+    with torch.no_grad():
+        f, g = net.forward_with_tangent(x, v, noise, tnoise)
+    after = torch.rand(1)
+    torch.manual_seed(11)
+    plain = net(x, noise)
+    torch.testing.assert_close(torch.rand(1), after)  # the same number of random draws
+    torch.testing.assert_close(f, plain, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(f, f_want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g_want, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(12)
+    assert rel_l2(net.forward_with_tangent(x, v, noise, tnoise)[1].detach(), g) > 1e-3
+
+
+@pytest.mark.parametrize("ops", ["kernels", "reference"])
+def test_forward_with_tangent_records_the_value_and_not_the_tangent(ops):
+    """Denoiser.forward(x, sigma, tangent=v) in grad mode: D is the plain forward's value with the
+    plain forward's parameter gradients, dD is the JVP and carries no graph."""
+    den = Denoiser(_net(ops))
+    x, v, sigma = (t.float() for t in _inputs())
+    D, dD = den(x, sigma, tangent=v)
+    assert D.requires_grad and not dD.requires_grad
+    params = list(den.parameters())
+    w = torch.randn_like(D)
+    grads = torch.autograd.grad((D * w).sum(), params)
+    plain = den(x, sigma)
+    torch.testing.assert_close(D, plain, rtol=0, atol=0)
+    for a, b in zip(grads, torch.autograd.grad((plain * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(dD, den.jvp(x, sigma, v)[1], rtol=1e-5, atol=1e-5)
+    _, dD_half = den(x, sigma, tangent=v, network_tangent=0.5)
+    _, dD_none = den(x, sigma, tangent=v, network_tangent=0.0)
+    torch.testing.assert_close(dD_half, (dD + dD_none) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_with_tangent_compiles_fullgraph():
+    """No dual tensors and no torch.func: the written-out pass traces as one graph, without grad
+    (the fused value+tangent kernels) and, through Denoiser.forward(tangent=), in grad mode as the
+    trainer calls it (the value with its backward, the tangent a constant)."""
+    net = _net("kernels").eval()
+    x, v, sigma = (t.float() for t in _inputs())
+    noise, tnoise = torch.log(sigma) * 0.25, 1 / (4 * sigma)
+    compiled = torch.compile(net.forward_with_tangent, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got, want = compiled(x, v, noise, tnoise), net.forward_with_tangent(x, v, noise, tnoise)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    den = Denoiser(net)
+    D, dD = torch.compile(den, fullgraph=True, backend="aot_eager")(x, sigma, tangent=v)
+    D_want, dD_want = den(x, sigma, tangent=v)
+    assert D.requires_grad and not dD.requires_grad
+    torch.testing.assert_close(D, D_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dD, dD_want, rtol=1e-5, atol=1e-5)
+    params = list(den.parameters())
+    for a, b in zip(
+        torch.autograd.grad(D.sum(), params), torch.autograd.grad(D_want.sum(), params)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The continuous-time loss with target = stopgrad(theta): one pass instead of forward + JVP.
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["ct", "cd"])
+def test_loss_from_one_pass_equals_the_two_pass_loss(teacher):
+    model = Denoiser(_net("reference", seed=0)).double()
+    target = copy.deepcopy(model).requires_grad_(False)
+    teach = Denoiser(_net("reference", seed=1), "edm").double() if teacher else None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=gen, dtype=torch.float64) * 0.5
+    z = torch.randn(3, 3, 8, 8, generator=gen, dtype=torch.float64)
+    params = list(model.parameters())
+    results = []
+    for shared in (False, True):
+        loss = ContinuousConsistencyLoss(tangent_norm=0.1, target_is_model=shared)
+        draws = loss.draw(3, torch.Generator().manual_seed(4))
+        draws["r"] = torch.full((3,), 0.6)
+        per_sample, aux = loss(model, target, x, z, draws, teach)
+        grads = torch.autograd.grad(per_sample.sum(), params)
+        results.append(
+            (per_sample.detach(), aux["tangent_rms"], torch.cat([g.flatten() for g in grads]))
+        )
+    (a, ra, ga), (b, rb, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+    torch.testing.assert_close(ra, rb, rtol=1e-10, atol=0)
+    assert rel_l2(gb, ga) < 1e-10 and ga.abs().max() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the written-out pass cannot serve, the torch.func route does, and bad input.
+
+
+def test_fallback_under_torch_func_and_dual_tensors():
+    """Inside a torch.func transform, or on dual tensors, the written-out pass would drop the
+    outer tangent (it records none): Denoiser.jvp then takes the torch.func.jvp route. Under vmap
+    that gives the per-sample results; a second-order tangent is right where PyTorch has the
+    second derivatives (a tanh backbone; F.silu has none), and on dual tensors PyTorch refuses
+    the nested forward AD with its own error instead of a tangent that lost the outer one."""
+    den = Denoiser(_net("reference")).double()
+    x, v, sigma = _inputs()
+    with torch.no_grad():
+        assert den._explicit_tangent(x, v)
+        seen = []
+        torch.func.vmap(lambda xb: seen.append(den._explicit_tangent(xb, v)) or xb)(x[None])
+        assert seen == [False]
+        got = torch.func.vmap(lambda xb: den.jvp(xb, sigma, v)[1])(torch.stack([x, 0.5 * x]))
+        torch.testing.assert_close(got[1], den.jvp(0.5 * x, sigma, v)[1])
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.randn_like(x))
+            assert not den._explicit_tangent(dual, v)
+            with pytest.raises(RuntimeError, match="Nested forward mode AD"):
+                den.jvp(dual, sigma, v)
+
+    plain = Denoiser(_Plain()).double().eval()
+    w = torch.randn_like(x)
+
+    def g_of(x_):
+        return plain.jvp(x_, sigma, v)[1]
+
+    with torch.no_grad():
+        _, h = torch.func.jvp(g_of, (x,), (w,))
+        eps = 1e-5
+        fd = (g_of(x + eps * w) - g_of(x - eps * w)) / (2 * eps)
+        assert rel_l2(h, fd) < 1e-6, rel_l2(h, fd)
+
+
+class _Plain(nn.Module):
+    """A backbone without forward_with_tangent (with dropout, to check the masks are shared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, c_noise, labels=None):
+        return self.drop(torch.tanh(self.conv(x)) * c_noise.view(-1, 1, 1, 1))
+
+
+def test_other_networks_take_the_torch_func_route_with_the_same_dropout_masks():
+    den = Denoiser(_Plain()).double().train()
+    x, v, sigma = _inputs()
+    assert not den._explicit_tangent(x, v)
+    torch.manual_seed(5)
+    D, dD = den(x, sigma, tangent=v)
+    torch.manual_seed(5)
+    f_want, g_want = _want(den, x, sigma, v)
+    torch.testing.assert_close(D.detach(), f_want)
+    torch.testing.assert_close(dD, g_want)
+
+
+def test_bad_tangents_are_refused():
+    net = _net("kernels")
+    den = Denoiser(net)
+    x, v, sigma = (t.float() for t in _inputs())
+    with pytest.raises(ValueError, match="tx has shape"):
+        net.forward_with_tangent(x, v[:, :2], sigma, sigma)
+    with pytest.raises(ValueError, match="tangent has shape"):
+        den(x, sigma, tangent=v[:2])
+    with pytest.raises(ValueError, match=r"x must be \[B, 3, H, W\]"):
+        net.forward_with_tangent(x[:, :1], v[:, :1], sigma, sigma)
