@@ -309,21 +309,74 @@ def _tangent_of(fn, primals, tangents) -> Tensor:
 _STACKED_CONV_PIXELS = 256
 
 
+def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None:
+    """conv(x) as one matrix product over an explicit patch matrix, for CPU convolutions with
+    fewer output pixels (B H' W') than output channels; None where it does not apply.
+
+    At such shapes (the UNet's 8x8 and 16x16 levels at small batch) oneDNN copies the weight into
+    its blocked layout on every call: a weight-sized buffer (40 MB for imagenet64's 1536 -> 768
+    3x3 convolution) and a time to match, where the patch matrix is smaller than the weight.
+    The patch columns follow the weight's memory order (O, kh, kw, I for channels_last weights,
+    O, I, kh, kw otherwise), so the weight enters the product as a view."""
+    w = conv.weight
+    if (x.device.type != "cpu" or conv.groups != 1 or isinstance(conv.padding, str)
+            or conv.dilation != (1, 1) or x.dim() != 4):  # fmt: skip
+        return None
+    B, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    (sh, sw), (ph, pw) = conv.stride, conv.padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if B * Ho * Wo > O:
+        return None
+    dtype = x.dtype
+    if torch.is_autocast_enabled("cpu") and dtype == torch.float32:
+        dtype = torch.get_autocast_dtype("cpu")  # what autocast runs F.conv2d in
+    elif w.dtype != dtype:
+        return None  # F.conv2d gives its own error
+    if w.is_contiguous():
+        cols = F.unfold(x.to(dtype), (kh, kw), padding=(ph, pw), stride=(sh, sw))
+        y = torch.matmul(w.to(dtype).reshape(O, -1), cols).view(B, O, Ho, Wo)
+    elif w.is_contiguous(memory_format=torch.channels_last):
+        xp = x.new_zeros((B, H + 2 * ph, W + 2 * pw, C), dtype=dtype)
+        xp[:, ph : ph + H, pw : pw + W] = x.permute(0, 2, 3, 1)
+        taps = [
+            xp[:, i : i + sh * (Ho - 1) + 1 : sh, j : j + sw * (Wo - 1) + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        cols = taps[0] if len(taps) == 1 else torch.cat(taps, dim=-1)
+        w2 = w.to(dtype).permute(0, 2, 3, 1).reshape(O, -1)  # a view
+        y = torch.matmul(cols.reshape(-1, cols.shape[-1]), w2.t())
+        y = y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)  # channels_last, as oneDNN gives it
+    else:
+        return None
+    return y if bias is None else y + bias.to(dtype).view(-1, 1, 1)
+
+
+def _conv_nograd(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor:
+    """conv(x) with `bias`, not recorded by autograd."""
+    with torch.no_grad():
+        y = _conv_gemm(conv, x, bias)
+        if y is None:
+            y = F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation,
+                         conv.groups)  # fmt: skip
+    return y
+
+
 def _conv_with_tangent(conv: nn.Conv2d, x, tx):
     """(conv(x), W * tx): the weights carry no tangent, so the tangent is one bias-free
     convolution. (torch.func.jvp's rule for convolution also convolves x with a materialised
     zero weight tangent: a third convolution, and a weight-sized buffer.)"""
+    if _records_graph(x, conv.weight):
+        return conv(x), _conv_nograd(conv, tx, None)
+    if x.shape[-2] * x.shape[-1] > _STACKED_CONV_PIXELS:
+        return _conv_nograd(conv, x, conv.bias), _conv_nograd(conv, tx, None)
     B = x.shape[0]
-    if x.shape[-2] * x.shape[-1] <= _STACKED_CONV_PIXELS and not _records_graph(x, conv.weight):
-        both = F.conv2d(torch.cat([x, tx.to(x.dtype)]), conv.weight, None, conv.stride,
-                        conv.padding, conv.dilation, conv.groups)  # fmt: skip
-        y, ty = both[:B], both[B:]
-        if conv.bias is not None:
-            y = y + conv.bias.to(y.dtype).view(-1, 1, 1)
-        return y, ty
-    with torch.no_grad():
-        ty = F.conv2d(tx, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return conv(x), ty
+    both = _conv_nograd(conv, torch.cat([x, tx.to(x.dtype)]), None)
+    y, ty = both[:B], both[B:]
+    if conv.bias is not None:
+        y = y + conv.bias.to(y.dtype).view(-1, 1, 1)
+    return y, ty
 
 
 def _linear_with_tangent(linear: nn.Linear, x, tx):

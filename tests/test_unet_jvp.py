@@ -307,3 +307,43 @@ def test_bad_tangents_are_refused():
         den(x, sigma, tangent=v[:2])
     with pytest.raises(ValueError, match=r"x must be \[B, 3, H, W\]"):
         net.forward_with_tangent(x[:, :1], v[:, :1], sigma, sigma)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU patch-matrix convolution of the tangent pass.
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (3, 1, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, "bf16-autocast"])
+def test_patch_matrix_convolution_matches_conv2d(weight_layout, k, stride, pad, dtype):
+    from cmkernels.unet import _conv_gemm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(40, 64, k, stride=stride, padding=pad)  # 64 channels >= 2 x 5 x 6 pixels
+    autocast = dtype == "bf16-autocast"
+    dt = torch.float32 if autocast else dtype
+    conv = conv.to(dt)
+    mf = torch.channels_last if weight_layout == "channels_last" else torch.contiguous_format
+    conv.weight.data = conv.weight.data.contiguous(memory_format=mf)
+    x = torch.randn(2, 40, 5, 7, dtype=dt)[:, :, :, 1:]  # odd, non-contiguous: 5 x 6
+    x = x.contiguous(memory_format=mf) if weight_layout == "channels_last" else x
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        got = _conv_gemm(conv, x, conv.bias)
+        want = conv(x)
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+    want64 = nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, pad)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-13}.get(dtype, 1e-2)
+    assert rel_l2(got, want64) < tol, rel_l2(got, want64)
+    assert rel_l2(want, want64) < 10 * tol + 1e-2 * autocast
+
+
+def test_patch_matrix_convolution_declines_where_it_does_not_pay():
+    from cmkernels.unet import _conv_gemm
+
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    assert _conv_gemm(conv, torch.randn(1, 8, 8, 8), None) is None  # 64 pixels > 16 channels
+    assert _conv_gemm(conv, torch.randn(1, 8, 4, 4), None) is not None
+    grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+    assert _conv_gemm(grouped, torch.randn(1, 8, 2, 2), None) is None
+    assert _conv_gemm(conv.double(), torch.randn(1, 8, 2, 2), None) is None  # dtype mismatch
