@@ -63,3 +63,41 @@ def define_op(
 def schema_of(name: str) -> str:
     """The registered schema of ``cmkernels::<name>`` as text (for the drift test)."""
     return str(getattr(getattr(torch.ops, NAMESPACE), name).default._schema)
+
+
+def register_batch_folding_vmap(
+    name: str, batch_args: Iterable[int], instance_args: Iterable[int] = ()
+) -> None:
+    """A vmap rule for ``cmkernels::<name>`` that folds the vmapped dimension into the op's own
+    batch dimension: one kernel call for all instances, instead of PyTorch's fallback of one call
+    per instance.
+
+    batch_args:    positions of the tensor arguments that lead with the op's batch dimension
+                   (and so do all its outputs); an unbatched one is broadcast to every instance.
+    instance_args: positions of tensors shared by the whole batch (GroupNorm's weight, bias).
+                   Where one of them is vmapped the instances differ in it, no fold applies, and
+                   the rule calls the op once per instance.
+    """
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    batch_args, instance_args = tuple(batch_args), tuple(instance_args)
+
+    def rule(info, in_dims, *args):
+        V = info.batch_size
+        if any(in_dims[i] is not None for i in instance_args):
+            outs = [
+                op(*(a if d is None else a.select(d, j) for a, d in zip(args, in_dims)))
+                for j in range(V)
+            ]
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        folded, B = list(args), None
+        for i in batch_args:
+            a, d = args[i], in_dims[i]
+            if a is None:
+                continue
+            a = a.movedim(d, 0) if d is not None else a.expand(V, *a.shape)
+            B = a.shape[1]
+            folded[i] = a.reshape(V * B, *a.shape[2:])
+        outs = op(*folded)
+        return tuple(o.unflatten(0, (V, B)) for o in outs), (0,) * len(outs)
+
+    torch.library.register_vmap(f"{NAMESPACE}::{name}", rule)

@@ -86,7 +86,7 @@ from cmkernels.ops.common import (
     split_duals,
     stacked_levels,
 )
-from cmkernels.ops.registry import define_op
+from cmkernels.ops.registry import define_op, register_batch_folding_vmap
 from cmkernels.ops.triton_support import HAS_TRITON
 
 SCHEMA = "(Tensor qkv, int num_heads) -> (Tensor, Tensor)"
@@ -160,6 +160,15 @@ _bhtd_jvp_op = define_op(
     BHTD_JVP_SCHEMA,
     kernels=_kernels(attention_bhtd_jvp_cpu, attention_bhtd_jvp_triton),
 )
+
+
+# vmap: the vmapped dimension folds into the batch (every tensor and output leads with it).
+register_batch_folding_vmap("attention", [0])
+register_batch_folding_vmap("attention_backward", [0, 1, 2, 3])
+register_batch_folding_vmap("attention_bhtd", [0, 1, 2])
+register_batch_folding_vmap("attention_bhtd_backward", [0, 1, 2, 3, 4, 5])
+register_batch_folding_vmap("attention_jvp", [0, 1])
+register_batch_folding_vmap("attention_bhtd_jvp", [0, 1, 2, 3, 4, 5])
 
 
 @torch.library.register_fake("cmkernels::attention")
@@ -268,8 +277,6 @@ for _name in ("attention_jvp", "attention_bhtd_jvp"):
     torch.library.register_autograd(
         f"cmkernels::{_name}", _jvp_no_backward, setup_context=_jvp_setup_context
     )
-
-
 
 
 class _AttentionJvp(torch.autograd.Function):

@@ -119,10 +119,11 @@ def attention_bhtd_backward_cpu(grad_out, q, k, v, out, lse):
 # Forward-mode AD (the formulas in triton_kernels.py). A block of JVP_ROWS queries of a few heads
 # takes the exact softmax of its rows against all T keys (no online rescaling), so its score
 # buffers are (heads, rows, T): a few of them at a time, O(rows x T) per head, never T x T. The
-# operands are laid out once so that each step is one large matmul: S = (Q scale) K^T;
-# S' = [Q', Q] scale [K, K']^T (inner dim 2d); P [V, V'] (2d outputs); (P o S') V accumulated onto
-# P V' (baddbmm). Against torch.func.jvp of the T x T math (B 4, H 6, T 1024, d 64, fp32, 2
-# cores): 150 vs 553 ms, peak memory +74 vs +492 MB (3.4x on one thread), the blocks in cache.
+# operands of a block's heads are laid out once, when its first rows start, so that each step is
+# one large matmul: S = (Q scale) K^T; S' = [Q', Q] scale [K, K']^T (inner dim 2d); P [V, V'] (2d
+# outputs); (P o S') V accumulated onto P V' (baddbmm). Against torch.func.jvp of the T x T math
+# (B 4, H 6, T 1024, d 64, fp32, 2 cores): 150 vs 553 ms, peak memory +74 vs +492 MB (3.4x on one
+# thread; measured when the operands were laid out for all heads at once), the blocks in cache.
 # out: float16 / bfloat16 return the forward op's (SDPA), see _jvp_out.
 
 JVP_ROWS = 256  # queries per block
@@ -136,16 +137,27 @@ def jvp_block_shape(BH: int, T: int) -> tuple[int, int]:
     return max(1, min(BH, JVP_BLOCK // (rows * T))), rows
 
 
-def _stack(parts: list[Tensor], dt: torch.dtype, scale: float | None = None) -> Tensor:
-    """(B*H, T, len(parts) * d) contiguous in dt: the (B, H, T, d) parts side by side, upcast
-    (and multiplied by scale) in the one copy."""
+def _stack(parts: list[Tensor], dt: torch.dtype, scale: float | None = None,
+           heads: tuple[int, int] | None = None) -> Tensor:  # fmt: skip
+    """(n, T, len(parts) * d) contiguous in dt: the (B, H, T, d) parts side by side for the heads
+    [h0, h1) of the flattened B*H (all of them by default, n = h1 - h0), upcast (and multiplied by
+    scale) in the one copy."""
     B, H, T, d = parts[0].shape
-    out = torch.empty(B, H, T, len(parts) * d, dtype=dt, device=parts[0].device)
+    h0, h1 = heads if heads is not None else (0, B * H)
+    out = torch.empty(h1 - h0, T, len(parts) * d, dtype=dt, device=parts[0].device)
     for i, x in enumerate(parts):
-        out[..., i * d : (i + 1) * d].copy_(x)
+        cols = slice(i * d, (i + 1) * d)
+        if (h0, h1) == (0, B * H):
+            out.view(B, H, T, -1)[..., cols].copy_(x)
+            continue
+        row = 0
+        for b in range(h0 // H, (h1 - 1) // H + 1):  # the batch elements the range touches
+            a, e = max(h0 - b * H, 0), min(h1 - b * H, H)
+            out[row : row + e - a, :, cols].copy_(x[b, a:e])
+            row += e - a
     if scale is not None:
         out.mul_(scale)  # in dt (an out= multiply would round in the inputs' dtype)
-    return out.view(B * H, T, len(parts) * d)
+    return out
 
 
 def _jvp_blockwise(q, k, v, tq, tk, tv) -> tuple[Tensor, Tensor, Tensor]:
@@ -162,39 +174,41 @@ def _jvp_blockwise(q, k, v, tq, tk, tv) -> tuple[Tensor, Tensor, Tensor]:
     if out.numel() == 0:
         return out, tout, lse
     has_s = tq is not None or tk is not None  # S' != 0
-    # qq = [Q', Q] scale (Q' only if given), kk = [K, K'] (K' only if given), vv = [V, V'].
-    qq = _stack([tq, q] if tq is not None else [q], dt, scale)
-    kk = _stack([k, tk] if tk is not None else [k], dt)
-    vv = _stack([v, tv] if tv is not None else [v], dt)
-    qs = qq[..., -d:]  # Q scale
-    kt = kk[..., :d].transpose(-1, -2)  # K^T (BH, d, T)
-    vs = vv[..., :d]  # V
-    if tq is not None and tk is not None:
-        sq, skt = qq, kk.transpose(-1, -2)  # S' = [Q', Q] [K, K']^T scale
-    elif tq is not None:
-        sq, skt = qq[..., :d], kt  # S' = Q' K^T scale
-    elif tk is not None:
-        sq, skt = qs, kk[..., d:].transpose(-1, -2)  # S' = Q K'^T scale
     heads, rows = jvp_block_shape(BH, T)
     for h0 in range(0, BH, heads):
-        hs = slice(h0, h0 + heads)
+        hs = slice(h0, min(h0 + heads, BH))
+        # The operands of this block's heads (laid out per block, so that only a block's worth of
+        # copies is alive): qq = [Q', Q] scale (Q' only if given), kk = [K, K'], vv = [V, V'].
+        span = (hs.start, hs.stop)
+        qq = _stack([tq, q] if tq is not None else [q], dt, scale, span)
+        kk = _stack([k, tk] if tk is not None else [k], dt, None, span)
+        vv = _stack([v, tv] if tv is not None else [v], dt, None, span)
+        qs = qq[..., -d:]  # Q scale
+        kt = kk[..., :d].transpose(-1, -2)  # K^T (heads, d, T)
+        vs = vv[..., :d]  # V
+        if tq is not None and tk is not None:
+            sq, skt = qq, kk.transpose(-1, -2)  # S' = [Q', Q] [K, K']^T scale
+        elif tq is not None:
+            sq, skt = qq[..., :d], kt  # S' = Q' K^T scale
+        elif tk is not None:
+            sq, skt = qs, kk[..., d:].transpose(-1, -2)  # S' = Q K'^T scale
         for i in range(0, T, rows):
             r = slice(i, i + rows)
-            s = torch.bmm(qs[hs, r], kt[hs])  # S (heads, rows, T)
+            s = torch.bmm(qs[:, r], kt)  # S (heads, rows, T)
             m = s.amax(-1, keepdim=True)
             p = s.sub_(m).exp_()  # unnormalised P, in place of S
             l = p.sum(-1, keepdim=True)
-            pv = torch.bmm(p, vv[hs])  # [P V, P V'] unnormalised (heads, rows, d or 2d)
+            pv = torch.bmm(p, vv)  # [P V, P V'] unnormalised (heads, rows, d or 2d)
             o = pv[..., :d].div_(l)  # O
             out[hs, r] = o
             lse[hs, r] = (m + l.log()).squeeze(-1)
             if has_s:
-                pds = torch.bmm(sq[hs, r], skt[hs]).mul_(p)  # p o S' (heads, rows, T)
+                pds = torch.bmm(sq[:, r], skt).mul_(p)  # p o S' (heads, rows, T)
                 rsum = pds.sum(-1, keepdim=True)
                 if tv is not None:  # p V' + (p o S') V
-                    t = torch.baddbmm(pv[..., d:], pds, vs[hs])
+                    t = torch.baddbmm(pv[..., d:], pds, vs)
                 else:
-                    t = torch.bmm(pds, vs[hs])
+                    t = torch.bmm(pds, vs)
                 # O' = (t - rowsum(p o S') O) / l
                 tout[hs, r] = t.sub_(rsum * o).div_(l)
             elif tv is not None:

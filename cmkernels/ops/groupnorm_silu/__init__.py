@@ -54,7 +54,7 @@ from cmkernels.ops.groupnorm_silu.launch import (
     groupnorm_silu_triton,
 )
 from cmkernels.ops.groupnorm_silu.reference import groupnorm_silu_ref, groupnorm_silu_tangent_ref
-from cmkernels.ops.registry import define_op
+from cmkernels.ops.registry import define_op, register_batch_folding_vmap
 from cmkernels.ops.triton_support import HAS_TRITON
 
 SCHEMA = (
@@ -109,6 +109,13 @@ _jvp_op = define_op(
     groupnorm_silu_jvp_fallback,
     kernels={"cuda": groupnorm_silu_jvp_triton} if HAS_TRITON else None,
 )
+
+
+# vmap: the vmapped dimension folds into N (x, scale, shift and every output lead with it), unless
+# the weights differ between instances. The backward sums over N for the weights' gradients, which
+# a fold would sum over the instances too: it keeps PyTorch's per-instance fallback.
+register_batch_folding_vmap("groupnorm_silu", [0, 3, 4], instance_args=[1, 2])
+register_batch_folding_vmap("groupnorm_silu_jvp", [0, 1, 6, 7, 8, 9], instance_args=[2, 3, 4, 5])
 
 
 @torch.library.register_fake("cmkernels::groupnorm_silu")
@@ -210,8 +217,6 @@ def _jvp_setup_context(ctx, inputs, output):
 torch.library.register_autograd(
     "cmkernels::groupnorm_silu_jvp", _jvp_no_backward, setup_context=_jvp_setup_context
 )
-
-
 
 
 def _groupnorm_silu_composite(x, weight, bias, scale, shift, groups, eps, activation):
