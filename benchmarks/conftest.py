@@ -27,11 +27,12 @@ Conventions:
 
 from __future__ import annotations
 
+import gc
 import math
 import platform
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -81,6 +82,38 @@ def skip_unavailable(provider: str) -> None:
     """Skip, with the reason, a provider this machine cannot run (CUDA graphs without CUDA)."""
     if provider.endswith("cudagraph") and not ON_GPU:
         pytest.skip(f"{provider}: CUDA graphs need a CUDA device")
+
+
+def _runtime_dispatch_keys() -> list:
+    keys = []
+    for name in dir(torch._C.DispatchKey):
+        key = getattr(torch._C.DispatchKey, name)
+        if isinstance(key, torch._C.DispatchKey) and not torch._C._dispatch_is_alias_key(key):
+            keys.append(key)
+    return keys
+
+
+@contextmanager
+def keeps_dispatch_state():
+    """Restores the dispatcher's thread-local include and exclude sets after the block (a garbage
+    collection first). A torch.compile of torch.func.jvp that fails to trace (torch 2.14) leaves
+    objects whose finalisers, whenever the collector gets to them, restore the key sets of a frame
+    deep inside the transform (autograd and functorch excluded): every later test in the process
+    then builds no autograd graph ("element 0 of tensors does not require grad"), at a point that
+    depends on the collector's timing."""
+    keys = _runtime_dispatch_keys()
+    saved = [
+        (k, torch._C._dispatch_tls_is_dispatch_key_excluded(k),
+         torch._C._dispatch_tls_is_dispatch_key_included(k))
+        for k in keys
+    ]  # fmt: skip
+    try:
+        yield
+    finally:
+        gc.collect()
+        for k, excluded, included in saved:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(k, excluded)
+            torch._C._dispatch_tls_set_dispatch_key_included(k, included)
 
 
 def compile_case(fn, *, reset: bool = True, **options):

@@ -34,7 +34,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, compile_case, timed
+from conftest import DEVICE, ON_GPU, compile_case, keeps_dispatch_state, timed
 
 from cmkernels import losses, unet
 from cmkernels.diffusion import Denoiser
@@ -132,14 +132,18 @@ def test_consistency_function_jvp(benchmark, monkeypatch, preset, batch, precisi
             return model.jvp(x, sigma, v, labels)
     elif provider == "torch.compile":
         jvp = compile_case(user_jvp)
-        try:
-            with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=bf16):
-                jvp(x, sigma, v)
-        except Exception as exc:  # not a silent eager fallback: the row is absent, with why
-            reason = str(exc).strip().splitlines()[0][:160]
+        failure = None
+        with keeps_dispatch_state():
+            try:
+                with torch.no_grad(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=bf16):
+                    jvp(x, sigma, v)
+            except Exception as exc:  # not a silent eager fallback: the row is absent, with why
+                reason = str(exc).strip().splitlines()[0][:160]
+                failure = f"{type(exc).__name__}: {reason}"
+        if failure is not None:
             pytest.skip(
                 f"torch.compile cannot compile torch.func.jvp of this model "
-                f"(torch {torch.__version__}): {type(exc).__name__}: {reason}"
+                f"(torch {torch.__version__}): {failure}"
             )
     else:
         jvp = user_jvp

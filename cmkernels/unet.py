@@ -309,6 +309,9 @@ def _tangent_of(fn, primals, tangents) -> Tensor:
 _STACKED_CONV_PIXELS = 256
 
 
+_PATCH_ELEMENTS = 1 << 20  # the patch matrix of a channels_last weight is built in bands this big
+
+
 def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None:
     """conv(x) as one matrix product over an explicit patch matrix, for CPU convolutions with
     fewer output pixels (B H' W') than output channels; None where it does not apply.
@@ -339,15 +342,22 @@ def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None
     elif w.is_contiguous(memory_format=torch.channels_last):
         xp = x.new_zeros((B, H + 2 * ph, W + 2 * pw, C), dtype=dtype)
         xp[:, ph : ph + H, pw : pw + W] = x.permute(0, 2, 3, 1)
-        taps = [
-            xp[:, i : i + sh * (Ho - 1) + 1 : sh, j : j + sw * (Wo - 1) + 1 : sw]
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        cols = taps[0] if len(taps) == 1 else torch.cat(taps, dim=-1)
         w2 = w.to(dtype).permute(0, 2, 3, 1).reshape(O, -1)  # a view
-        y = torch.matmul(cols.reshape(-1, cols.shape[-1]), w2.t())
-        y = y.view(B, Ho, Wo, O).permute(0, 3, 1, 2)  # channels_last, as oneDNN gives it
+        y = torch.empty((B, Ho, Wo, O), dtype=dtype, device=x.device)
+        # The patch matrix in bands of output rows of at most _PATCH_ELEMENTS elements.
+        band = max(1, min(Ho, _PATCH_ELEMENTS // max(1, B * Wo * w2.shape[1])))
+        for r0 in range(0, Ho, band):
+            r1 = min(Ho, r0 + band)
+            taps = [
+                xp[:, i + sh * r0 : i + sh * (r1 - 1) + 1 : sh, j : j + sw * (Wo - 1) + 1 : sw]
+                for i in range(kh)
+                for j in range(kw)
+            ]
+            cols = taps[0] if len(taps) == 1 else torch.cat(taps, dim=-1)
+            y[:, r0:r1] = torch.matmul(cols.reshape(-1, cols.shape[-1]), w2.t()).view(
+                B, r1 - r0, Wo, O
+            )
+        y = y.permute(0, 3, 1, 2)  # channels_last, as oneDNN gives it
     else:
         return None
     return y if bias is None else y + bias.to(dtype).view(-1, 1, 1)

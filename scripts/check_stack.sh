@@ -57,7 +57,7 @@ else
            tests/test_ema.py tests/test_cpu_baseline.py tests/test_unet.py tests/test_samplers.py
            tests/test_graph_sampler.py tests/test_editing.py tests/test_diffusers.py
            tests/test_aot_check.py tests/test_groupnorm_silu_jvp.py tests/test_attention_jvp.py
-           tests/test_continuous.py)
+           tests/test_continuous.py tests/test_unet_jvp.py tests/test_vmap.py)
 fi
 echo "== tests (${tests[*]:-the whole suite}) on torch $TORCH_V / triton $TRITON_V"
 "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}"
