@@ -121,7 +121,8 @@ split_tests attn-bf16-autotune tests/test_attention.py \
 split_tests attn-other tests/test_attention.py -k "not float32 and not float16 and not bfloat16"
 split_tests groupnorm tests/test_groupnorm_silu.py
 split_tests heun-ema tests/test_heun_step.py tests/test_ema.py
-split_tests jvp tests/test_groupnorm_silu_jvp.py tests/test_attention_jvp.py tests/test_continuous.py
+split_tests jvp tests/test_groupnorm_silu_jvp.py tests/test_attention_jvp.py tests/test_continuous.py \
+    tests/test_unet_jvp.py tests/test_vmap.py
 split_tests model tests/test_graph_sampler.py tests/test_unet.py tests/test_samplers.py \
     tests/test_editing.py tests/test_train.py
 for pid in "${pids[@]}"; do wait "$pid"; done

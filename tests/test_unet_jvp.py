@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from conftest import requires_cuda
 from test_continuous import REFERENCE, needs_data, rel_l2
 from torch import nn
 
@@ -204,6 +205,36 @@ def test_forward_with_tangent_compiles_fullgraph():
         torch.autograd.grad(D.sum(), params), torch.autograd.grad(D_want.sum(), params)
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_with_tangent_on_the_gpu(precision):
+    """The Triton value+tangent kernels inside the whole model, channels_last, against float64
+    torch.func.jvp on the CPU; bf16 autocast within 2x (plus slack) of torch.func.jvp of the
+    pure-PyTorch model under the same autocast."""
+    den64 = Denoiser(_net("reference", num_classes=5)).double()
+    den = Denoiser(_net("kernels", num_classes=5)).cuda().to(memory_format=torch.channels_last)
+    x, v, sigma = _inputs(B=4)
+    labels = torch.tensor([0, 3, 4, 1])
+    with torch.no_grad():
+        f_want, g_want = _want(den64, x, sigma, v, labels)
+        xc, vc = (t.float().cuda().contiguous(memory_format=torch.channels_last) for t in (x, v))
+        bf16 = precision == "bf16"
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            f, g = den.jvp(xc, sigma.float().cuda(), vc, labels.cuda())
+            if bf16:
+                ref = Denoiser(_net("reference", num_classes=5)).cuda()
+                _, g_torch = _want(ref, xc, sigma.float().cuda(), vc, labels.cuda())
+    f, g = f.double().cpu(), g.double().cpu()
+    if not bf16:
+        assert rel_l2(f, f_want) < 1e-5 and rel_l2(g, g_want) < 1e-4, (
+            rel_l2(f, f_want),
+            rel_l2(g, g_want),
+        )
+    else:
+        theirs = rel_l2(g_torch.double().cpu(), g_want)
+        assert rel_l2(g, g_want) <= 2 * theirs + 5e-3, (rel_l2(g, g_want), theirs)
 
 
 # ------------------------------------------------------------------------------------------------
