@@ -313,8 +313,9 @@ _PATCH_ELEMENTS = 1 << 20  # the patch matrix of a channels_last weight is built
 
 
 def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None:
-    """conv(x) as one matrix product over an explicit patch matrix, for CPU convolutions with
-    fewer output pixels (B H' W') than output channels; None where it does not apply.
+    """conv(x) as matrix products over an explicit patch matrix (built in bands of output rows
+    for channels_last weights), for zero-padded CPU convolutions with fewer output pixels
+    (B H' W') than output channels; None where it does not apply.
 
     At such shapes (the UNet's 8x8 and 16x16 levels at small batch) oneDNN copies the weight into
     its blocked layout on every call: a weight-sized buffer (40 MB for imagenet64's 1536 -> 768
@@ -323,7 +324,8 @@ def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None
     O, I, kh, kw otherwise), so the weight enters the product as a view."""
     w = conv.weight
     if (x.device.type != "cpu" or conv.groups != 1 or isinstance(conv.padding, str)
-            or conv.dilation != (1, 1) or x.dim() != 4):  # fmt: skip
+            or conv.padding_mode != "zeros" or conv.dilation != (1, 1)
+            or x.dim() != 4):  # fmt: skip
         return None
     B, C, H, W = x.shape
     O, _, kh, kw = w.shape
@@ -368,8 +370,7 @@ def _conv_nograd(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor:
     with torch.no_grad():
         y = _conv_gemm(conv, x, bias)
         if y is None:
-            y = F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation,
-                         conv.groups)  # fmt: skip
+            y = conv._conv_forward(x, conv.weight, bias)  # (honours padding_mode)
     return y
 
 

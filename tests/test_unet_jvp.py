@@ -370,7 +370,7 @@ def test_patch_matrix_convolution_matches_conv2d(weight_layout, k, stride, pad, 
 
 
 def test_patch_matrix_convolution_declines_where_it_does_not_pay():
-    from cmkernels.unet import _conv_gemm
+    from cmkernels.unet import _conv_gemm, _conv_with_tangent
 
     conv = nn.Conv2d(8, 16, 3, padding=1)
     assert _conv_gemm(conv, torch.randn(1, 8, 8, 8), None) is None  # 64 pixels > 16 channels
@@ -378,3 +378,9 @@ def test_patch_matrix_convolution_declines_where_it_does_not_pay():
     grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)
     assert _conv_gemm(grouped, torch.randn(1, 8, 2, 2), None) is None
     assert _conv_gemm(conv.double(), torch.randn(1, 8, 2, 2), None) is None  # dtype mismatch
+    reflect = nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect")
+    assert _conv_gemm(reflect, torch.randn(1, 8, 2, 2), None) is None
+    x, tx = torch.randn(1, 8, 3, 3), torch.randn(1, 8, 3, 3)
+    y, ty = _conv_with_tangent(reflect, x, tx)  # through the module's own padding
+    torch.testing.assert_close(y, reflect(x))
+    torch.testing.assert_close(ty, reflect(tx) - reflect.bias.view(-1, 1, 1))
