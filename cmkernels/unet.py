@@ -286,9 +286,20 @@ def _detached(t):
     return None if t is None else t.detach()
 
 
+def _like(t: Tensor | None, p: Tensor) -> Tensor:
+    """t (zeros for None) with p's dtype and strides."""
+    if t is None:
+        return torch.zeros_like(p)
+    if t.stride() == p.stride() and t.dtype == p.dtype:
+        return t
+    return torch.empty_like(p).copy_(t)
+
+
 def _tangent_of(fn, primals, tangents) -> Tensor:
     """The tangent of fn(*primals) along tangents by torch.func.jvp; None primals are passed
-    through as None, a None tangent of a given primal is zero."""
+    through as None, a None tangent of a given primal is zero. Each tangent is laid out like its
+    primal (torch 2.11's forward AD of F.group_norm fails on a channels_last primal with a
+    contiguous tangent)."""
     given = [i for i, p in enumerate(primals) if p is not None]
 
     def call(*args):
@@ -298,9 +309,7 @@ def _tangent_of(fn, primals, tangents) -> Tensor:
         return fn(*full)
 
     ps = tuple(primals[i].detach() for i in given)
-    ts = tuple(
-        tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i]) for i in given
-    )
+    ts = tuple(_like(tangents[i], primals[i]) for i in given)
     return torch.func.jvp(call, ps, ts)[1]
 
 
