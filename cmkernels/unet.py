@@ -287,19 +287,17 @@ def _detached(t):
 
 
 def _like(t: Tensor | None, p: Tensor) -> Tensor:
-    """t (zeros for None) with p's dtype and strides."""
+    """t (zeros for None), contiguous, in p's dtype."""
     if t is None:
-        return torch.zeros_like(p)
-    if t.stride() == p.stride() and t.dtype == p.dtype:
-        return t
-    return torch.empty_like(p).copy_(t)
+        return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+    return t.to(p.dtype).contiguous()
 
 
 def _tangent_of(fn, primals, tangents) -> Tensor:
     """The tangent of fn(*primals) along tangents by torch.func.jvp; None primals are passed
-    through as None, a None tangent of a given primal is zero. Each tangent is laid out like its
-    primal (torch 2.11's forward AD of F.group_norm fails on a channels_last primal with a
-    contiguous tangent)."""
+    through as None, a None tangent of a given primal is zero. Primals and tangents go in
+    contiguous (torch 2.11's forward AD of F.group_norm fails on channels_last inputs: "view size
+    is not compatible with input tensor's size and stride")."""
     given = [i for i, p in enumerate(primals) if p is not None]
 
     def call(*args):
@@ -308,7 +306,7 @@ def _tangent_of(fn, primals, tangents) -> Tensor:
             full[i] = a
         return fn(*full)
 
-    ps = tuple(primals[i].detach() for i in given)
+    ps = tuple(primals[i].detach().contiguous() for i in given)
     ts = tuple(_like(tangents[i], primals[i]) for i in given)
     return torch.func.jvp(call, ps, ts)[1]
 
