@@ -502,12 +502,8 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_requested = True
         if self.dist.main:
-            print(
-                f"\nCtrl-C: finishing step {self.step + 1}, then saving a checkpoint "
-                "(Ctrl-C again to stop at once without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"\nCtrl-C: finishing step {self.step + 1}, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once without saving)", file=sys.stderr, flush=True)
 
     # -- the run directory -----------------------------------------------------------------------
 
