@@ -243,18 +243,10 @@ class _Ops:
     def gn_with_tangent(self, x, tx, norm: nn.GroupNorm, scale=None, shift=None, tscale=None,
                         tshift=None, activation=True):  # fmt: skip
         kw = dict(groups=norm.num_groups, eps=norm.eps, activation=activation)
-        if self.config.ops == "kernels":
-            if not _records_graph(x, norm.weight, norm.bias, scale, shift):
-                return _ops.groupnorm_silu_with_tangent(
-                    x, tx, norm.weight, norm.bias, scale, shift, tscale=tscale, tshift=tshift, **kw
-                )  # one launch: value and tangent
-            y = self.gn(x, norm, scale, shift, activation)  # recorded for the backward
-            with torch.no_grad():
-                _, ty = _ops.groupnorm_silu_with_tangent(
-                    x.detach(), tx, norm.weight.detach(), norm.bias.detach(),
-                    _detached(scale), _detached(shift), tscale=tscale, tshift=tshift, **kw,
-                )  # fmt: skip
-            return y, ty
+        if self.config.ops == "kernels":  # one launch: the value (recorded in grad mode, with
+            return _ops.groupnorm_silu_with_tangent(  # the fused backward) and its tangent
+                x, tx, norm.weight, norm.bias, scale, shift, tscale=tscale, tshift=tshift, **kw
+            )
         fn = OP_SETS[self.config.ops].groupnorm_silu
         y = self.gn(x, norm, scale, shift, activation)
         with torch.no_grad():
@@ -265,12 +257,8 @@ class _Ops:
         return y, ty
 
     def attention_with_tangent(self, qkv, tqkv, num_heads):
-        if self.config.ops == "kernels":
-            if not _records_graph(qkv):
-                return _ops.attention_with_tangent(qkv, tqkv, num_heads)
-            y = self.attention(qkv, num_heads)
-            with torch.no_grad():
-                return y, _ops.attention_with_tangent(qkv.detach(), tqkv, num_heads)[1]
+        if self.config.ops == "kernels":  # one launch, as gn_with_tangent
+            return _ops.attention_with_tangent(qkv, tqkv, num_heads)
         y = self.attention(qkv, num_heads)  # "eager" is SDPA: no forward AD, so the reference's
         with torch.no_grad():  # math attention gives its tangent
             ty = _tangent_of(lambda q: _ops.attention_ref(q, num_heads), (qkv,), (tqkv,))
@@ -280,10 +268,6 @@ class _Ops:
 def _records_graph(*tensors) -> bool:
     """Whether autograd records this call (grad mode on and an input that requires grad)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _detached(t):
-    return None if t is None else t.detach()
 
 
 def _like(t: Tensor | None, p: Tensor) -> Tensor:
@@ -647,9 +631,11 @@ class UNet(nn.Module):
 
         The value is computed as forward() computes it (recorded by autograd when grad mode is on
         and the weights require grad); the tangent is never recorded (a constant for the
-        backward, as the continuous-time objective's stopgrad wants). Under torch.no_grad() the
-        fused ops compute value and tangent together. Dropout layers in training mode apply one
-        mask to both. tx: like x; t_c_noise: like c_noise."""
+        backward, as the continuous-time objective's stopgrad wants). With the fused ops each
+        GroupNorm+SiLU and attention is one launch for value and tangent in either mode (in grad
+        mode the launch also saves the statistics of the fused backward; CPU attention takes its
+        value from SDPA, see ops.attention). Dropout layers in training mode apply one mask to
+        both. tx: like x; t_c_noise: like c_noise."""
         self._check(x, class_labels)
         if tx.shape != x.shape:
             raise ValueError(f"tx has shape {tuple(tx.shape)}; x has {tuple(x.shape)}")

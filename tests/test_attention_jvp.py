@@ -480,16 +480,98 @@ def test_with_tangent_eager_and_compiled():
     _check_public(qkv, tqkv, *attention_with_tangent(qkv, tqkv, H))
 
 
-def test_with_tangent_reverse_mode_raises():
+def test_the_jvp_ops_reverse_mode_raises():
     qkv, tqkv = _packed_inputs(T=5)
     x = qkv.requires_grad_()
-    out, tout = attention_with_tangent(x, tqkv, H)
+    out, _, _ = torch.ops.cmkernels.attention_jvp(x, tqkv, H)
     with pytest.raises(RuntimeError, match="no reverse-mode derivative"):
         out.sum().backward()
     q = torch.randn(1, 1, 4, 8, requires_grad=True)
-    _, tout = attention_bhtd_with_tangent(q, q, q, tv=torch.randn(1, 1, 4, 8))
+    out, _, _ = torch.ops.cmkernels.attention_bhtd_jvp(q, q, q, None, None, torch.randn(1, 1, 4, 8))
     with pytest.raises(RuntimeError, match="no reverse-mode derivative"):
-        torch.autograd.grad(tout.sum(), q)
+        torch.autograd.grad(out.sum(), q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_with_tangent_in_grad_mode_has_attentions_gradient(dtype):
+    # out's gradient against float64 and tout the no-grad tangent, a constant for autograd. (On
+    # the CPU out and its backward are SDPA's, see attention._CPU_GRAD_MODE; the CUDA route,
+    # one JVP launch whose lse feeds the fused backward, is the GPU test below.)
+    torch.manual_seed(21)
+    qkv, tqkv = _packed_inputs(dtype, T=23)
+    x = qkv.requires_grad_()
+    out, tout = attention_with_tangent(x, tqkv, H)
+    grad_out = torch.randn(out.shape).to(dtype)
+    (got,) = torch.autograd.grad(out, x, grad_out)
+    assert not tout.requires_grad
+    with torch.no_grad():
+        out0, tout0 = attention_with_tangent(qkv, tqkv, H)
+    assert torch.equal(out.detach(), attention(qkv, H)) and torch.equal(tout, tout0)
+    _check_public(qkv, tqkv, out.detach(), tout)
+    x64 = qkv.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_ref(x64, H), x64, grad_out.double())
+    xl = qkv.detach().clone().requires_grad_()
+    (low,) = torch.autograd.grad(attention_ref(xl, H), xl, grad_out)
+    check_close("grad qkv", got, want, low, dtype)
+
+    q, k, v = (torch.randn(2, 2, 19, 16).to(dtype).requires_grad_() for _ in range(3))
+    tq = torch.randn(2, 2, 19, 16).to(dtype)
+    out, tout = attention_bhtd_with_tangent(q, k, v, tq=tq)
+    grad_out = torch.randn(out.shape).to(dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert not tout.requires_grad
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attention_bhtd_ref(*up), up, grad_out.double())
+    lows = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    low = torch.autograd.grad(attention_bhtd_ref(*lows), lows, grad_out)
+    for name, g, w, lo in zip("qkv", got, want, low, strict=True):
+        check_close(f"grad {name}", g, w, lo, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_one_launch_grad_mode_functions(dtype):
+    # What the CUDA route runs (_AttentionWithTangent, _AttentionBhtdWithTangent), here on the
+    # CPU kernels: out and tout from the JVP op, the gradient from its lse by the backward op.
+    torch.manual_seed(24)
+    qkv, tqkv = _packed_inputs(dtype, T=21)
+    x = qkv.requires_grad_()
+    out, tout, lse = A._AttentionWithTangent.apply(x, tqkv, H)
+    assert not tout.requires_grad and not lse.requires_grad
+    _check_public(qkv, tqkv, out.detach(), tout)
+    grad_out = torch.randn(out.shape).to(dtype)
+    (got,) = torch.autograd.grad(out, x, grad_out)
+    x64 = qkv.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_ref(x64, H), x64, grad_out.double())
+    xl = qkv.detach().clone().requires_grad_()
+    (low,) = torch.autograd.grad(attention_ref(xl, H), xl, grad_out)
+    check_close("grad qkv", got, want, low, dtype)
+    q, k, v = (torch.randn(1, 2, 13, 8).to(dtype).requires_grad_() for _ in range(3))
+    tk = torch.randn(1, 2, 13, 8).to(dtype)
+    out, tout, _ = A._AttentionBhtdWithTangent.apply(q, k, v, None, tk, None)
+    grad_out = torch.randn(out.shape).to(dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(attention_bhtd_ref(*up), up, grad_out.double())
+    lows = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    low = torch.autograd.grad(attention_bhtd_ref(*lows), lows, grad_out)
+    for name, g, w, lo in zip("qkv", got, want, low, strict=True):
+        check_close(f"grad {name}", g, w, lo, dtype)
+
+
+def test_with_tangent_in_grad_mode_under_torch_compile_fullgraph():
+    torch.manual_seed(22)
+    qkv, tqkv = _packed_inputs(T=10)
+    x = qkv.requires_grad_()
+
+    def step(x):
+        out, tout = attention_with_tangent(x, tqkv, H)
+        return out.square().sum(), tout
+
+    loss, tout = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    (got,) = torch.autograd.grad(loss, x)
+    want_loss, want_tout = step(x)
+    torch.testing.assert_close(got, torch.autograd.grad(want_loss, x)[0], rtol=0, atol=0)
+    assert torch.equal(tout, want_tout) and not tout.requires_grad
 
 
 def test_opcheck():
@@ -640,3 +722,18 @@ def test_gpu_compile_and_cuda_graph():
     graph.replay()
     for a, b in zip(captured, fn(qkv, tqkv), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_with_tangent_in_grad_mode(dtype):
+    torch.manual_seed(23)
+    qkv, tqkv = (torch.randn(2, 3 * 4 * 64, 1024, device="cuda").to(dtype) for _ in range(2))
+    x = qkv.clone().requires_grad_()
+    out, tout = attention_with_tangent(x, tqkv, 4)
+    grad_out = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, grad_out)
+    xr = qkv.clone().requires_grad_()
+    (want,) = torch.autograd.grad(attention(xr, 4), xr, grad_out)  # the plain op's backward
+    torch.testing.assert_close(got, want)
+    assert not tout.requires_grad

@@ -412,10 +412,10 @@ def test_grad_of_a_tangent_and_jvp_of_a_grad():
 def test_reverse_mode_through_the_fused_op_raises_a_clear_error():
     primals, tangents = _problem((2, 6, 5, 7), torch.float32)
     x = primals[0].clone().requires_grad_(True)
-    # The op (or groupnorm_silu_with_tangent) itself has no backward.
-    y, ty = groupnorm_silu_with_tangent(x, tangents[0], *primals[1:], groups=3)
+    # The registered op itself has no backward.
+    y, ty, _, _ = OP(*_op_args([x] + primals[1:], tangents), 3, EPS, True)
     with pytest.raises(RuntimeError, match="groupnorm_silu_jvp has no reverse-mode derivative"):
-        ty.sum().backward()
+        y.sum().backward()
     # Through the autograd.Function route: the gradient of y works, one of the tangent raises.
     fwad = torch.autograd.forward_ad
     with fwad.dual_level():
@@ -442,6 +442,49 @@ def test_with_tangent_matches_the_op_and_the_public_jvp():
     with torch.no_grad():
         y_ad, ty_ad = forward_ad_jvp(_public(groups=4), primals, tangents)
     assert torch.equal(y, y_ad) and torch.equal(ty, ty_ad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "strided"])
+def test_with_tangent_in_grad_mode_has_the_ops_gradients(dtype, x_layout):
+    # One launch for y, ty and the saved statistics: y's gradients are groupnorm_silu's (the same
+    # fused backward from the same statistics, so bit for bit), ty is the no-grad tangent and a
+    # constant for autograd.
+    primals, tangents = _problem((2, 12, 5, 7), dtype, x_layout, param_dtype=dtype)
+    leaves = [p.requires_grad_() for p in primals]
+    kw = dict(tweight=tangents[1], tbias=tangents[2], tscale=tangents[3], tshift=tangents[4],
+              groups=4)  # fmt: skip
+    y, ty = groupnorm_silu_with_tangent(primals[0], tangents[0], *primals[1:], **kw)
+    grad_y = torch.randn(y.shape).to(dtype)
+    got = torch.autograd.grad(y, leaves, grad_y)
+    want = torch.autograd.grad(groupnorm_silu(*primals, groups=4), leaves, grad_y)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        assert torch.equal(g, w), f"grad {name} differs by {(g - w).abs().max():.3g}"
+    assert not ty.requires_grad
+    with torch.no_grad():
+        y0, ty0 = groupnorm_silu_with_tangent(primals[0], tangents[0], *primals[1:], **kw)
+    assert torch.equal(y.detach(), y0) and torch.equal(ty, ty0)
+    if dtype == torch.float64:  # and against the reference's gradients
+        ref = groupnorm_silu_ref(*primals, groups=4, eps=EPS)
+        for g, w in zip(got, torch.autograd.grad(ref, leaves, grad_y), strict=True):
+            assert rel_err(g, w) <= 1e-12
+
+
+def test_with_tangent_in_grad_mode_under_torch_compile_fullgraph():
+    primals, tangents = _problem((2, 12, 5, 7), torch.float32, which=("x", "scale", "shift"))
+    leaves = [p.requires_grad_() for p in primals]
+    tx, _, _, ts, tsh = tangents
+
+    def block(x, w, b, s, sh):
+        y, ty = groupnorm_silu_with_tangent(x, tx, w, b, s, sh, tscale=ts, tshift=tsh, groups=4)
+        return (y * y).sum(), ty
+
+    loss, ty = torch.compile(block, fullgraph=True, backend="aot_eager")(*leaves)
+    got = torch.autograd.grad(loss, leaves)
+    want_loss, want_ty = block(*leaves)
+    for g, w in zip(got, torch.autograd.grad(want_loss, leaves), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert torch.equal(ty, want_ty) and not ty.requires_grad
 
 
 def test_with_tangent_under_torch_compile_fullgraph():
@@ -704,3 +747,21 @@ def test_kernels_compile_for_sm90(shape, monkeypatch, tmp_path):
         row = aot.make_row(s, aot.compile_spec(s.kernel, s.arch, s.data))
         assert "error" not in row, row.get("error")
         assert 0 < row["regs"] <= 255 and row["spill_stores"] == 0 and row["problems"] == []
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_with_tangent_in_grad_mode_has_the_ops_gradients(dtype):
+    # The Triton JVP kernel's statistics feed the Triton backward: the same gradients as the
+    # plain op's, bit for bit (the statistics are the forward kernel's).
+    primals, tangents = _problem((4, 128, 16, 16), dtype, "channels_last", device="cuda")
+    leaves = [p.requires_grad_() for p in primals]
+    kw = dict(tweight=tangents[1], tbias=tangents[2], tscale=tangents[3], tshift=tangents[4])
+    y, ty = groupnorm_silu_with_tangent(primals[0], tangents[0], *primals[1:], **kw)
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, grad_y)
+    want = torch.autograd.grad(groupnorm_silu(*primals), leaves, grad_y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert not ty.requires_grad
+    _check_tangent(ty, [p.detach() for p in primals], tangents, 32, True)

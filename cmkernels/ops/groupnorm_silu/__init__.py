@@ -331,6 +331,41 @@ def groupnorm_silu(
     return y
 
 
+class _GroupNormSiLUWithTangent(torch.autograd.Function):
+    """(y, ty) from one launch of the JVP op, with y differentiable in reverse mode: the JVP op
+    also returns the statistics (mean, rstd) that the fused backward needs, so a training step
+    that wants y's gradients and ty as a constant (the continuous-time objective's one pass) runs
+    one GroupNorm per layer instead of the plain op plus the JVP op. ty is marked
+    non-differentiable (requires_grad False, like mean and rstd): autograd treats it as the
+    constant it is here. (Raising on a gradient that reaches ty is not an option: torch.compile
+    traces the backward with every output's gradient materialised.)"""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, tx, weight, bias, scale, shift, tweight, tbias, tscale, tshift, groups, eps,
+                activation):  # fmt: skip
+        y, ty, mean, rstd = _jvp_op(
+            x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps,
+            activation,
+        )  # fmt: skip
+        return y, ty, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, bias, scale, shift = inputs[:6]
+        _, _, mean, rstd = output
+        ty = output[1]
+        ctx.mark_non_differentiable(ty, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
+        ctx.groups, ctx.activation = inputs[10], inputs[12]
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_ty, grad_mean, grad_rstd):
+        gx, gw, gb, gs, gsh = _backward(ctx, grad_y, None, None)[:5]
+        return (gx, None, gw, gb, gs, gsh) + (None,) * 7
+
+
 def groupnorm_silu_with_tangent(
     x: Tensor,
     tx: Tensor | None,
@@ -352,9 +387,18 @@ def groupnorm_silu_with_tangent(
     given; each like its primal: tx with x's shape and dtype, any layout), in one fused launch.
 
     The explicit form of forward-mode AD through the op: no dual tensors, so it compiles under
-    torch.compile(fullgraph=True) and captures in CUDA graphs. Not differentiable in reverse mode
-    (use groupnorm_silu for that).
+    torch.compile(fullgraph=True) and captures in CUDA graphs. In reverse mode y has the
+    gradients of groupnorm_silu (the fused backward, from the statistics of the same launch) and
+    ty comes back non-differentiable (requires_grad False): derivatives of the tangent need
+    groupnorm_silu under torch.func.jvp.
     """
+    args = (x, tx, weight, bias, scale, shift, tweight, tbias, tscale, tshift, groups, eps,
+            activation)  # fmt: skip
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)
+    ):
+        y, ty, _, _ = _GroupNormSiLUWithTangent.apply(*args)
+        return y, ty
     y, ty, _, _ = _jvp_op(
         x, tx, weight, tweight, bias, tbias, scale, tscale, shift, tshift, groups, eps, activation
     )
