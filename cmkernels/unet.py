@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmkernels import ops as _ops
+from cmkernels.ops.common import records_graph
 
 GROUPS = 32  # GroupNorm groups of every norm layer
 NORM_EPS = 1e-5
@@ -265,11 +266,6 @@ class _Ops:
         return y, ty.to(y.dtype)
 
 
-def _records_graph(*tensors) -> bool:
-    """Whether autograd records this call (grad mode on and an input that requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _like(t: Tensor | None, p: Tensor) -> Tensor:
     """t (zeros for None), contiguous, in p's dtype."""
     if t is None:
@@ -369,7 +365,7 @@ def _conv_with_tangent(conv: nn.Conv2d, x, tx):
     """(conv(x), W * tx): the weights carry no tangent, so the tangent is one bias-free
     convolution. (torch.func.jvp's rule for convolution also convolves x with a materialised
     zero weight tangent: a third convolution, and a weight-sized buffer.)"""
-    if _records_graph(x, conv.weight):
+    if records_graph(x, conv.weight):
         return conv(x), _conv_nograd(conv, tx, None)
     if x.shape[-2] * x.shape[-1] > _STACKED_CONV_PIXELS:
         return _conv_nograd(conv, x, conv.bias), _conv_nograd(conv, tx, None)

@@ -492,6 +492,26 @@ def test_the_jvp_ops_reverse_mode_raises():
         torch.autograd.grad(out.sum(), q)
 
 
+def _check_packed_grad(got, qkv, grad_out):
+    """got = d(out . grad_out)/d qkv of attention against the reference's, in float64 and in
+    qkv's dtype (the tolerance rule's baseline)."""
+    x64 = qkv.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(attention_ref(x64, H), x64, grad_out.double())
+    xl = qkv.detach().clone().requires_grad_()
+    (low,) = torch.autograd.grad(attention_ref(xl, H), xl, grad_out)
+    check_close("grad qkv", got, want, low, qkv.dtype)
+
+
+def _check_bhtd_grads(got, qkv, grad_out):
+    """As _check_packed_grad for attention_bhtd's gradients of (q, k, v)."""
+    up = [t.detach().double().requires_grad_() for t in qkv]
+    want = torch.autograd.grad(attention_bhtd_ref(*up), up, grad_out.double())
+    lows = [t.detach().clone().requires_grad_() for t in qkv]
+    low = torch.autograd.grad(attention_bhtd_ref(*lows), lows, grad_out)
+    for name, g, w, lo in zip("qkv", got, want, low, strict=True):
+        check_close(f"grad {name}", g, w, lo, qkv[0].dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_with_tangent_in_grad_mode_has_attentions_gradient(dtype):
     # out's gradient against float64 and tout the no-grad tangent, a constant for autograd. (On
@@ -508,11 +528,7 @@ def test_with_tangent_in_grad_mode_has_attentions_gradient(dtype):
         out0, tout0 = attention_with_tangent(qkv, tqkv, H)
     assert torch.equal(out.detach(), attention(qkv, H)) and torch.equal(tout, tout0)
     _check_public(qkv, tqkv, out.detach(), tout)
-    x64 = qkv.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(attention_ref(x64, H), x64, grad_out.double())
-    xl = qkv.detach().clone().requires_grad_()
-    (low,) = torch.autograd.grad(attention_ref(xl, H), xl, grad_out)
-    check_close("grad qkv", got, want, low, dtype)
+    _check_packed_grad(got, qkv, grad_out)
 
     q, k, v = (torch.randn(2, 2, 19, 16).to(dtype).requires_grad_() for _ in range(3))
     tq = torch.randn(2, 2, 19, 16).to(dtype)
@@ -520,12 +536,7 @@ def test_with_tangent_in_grad_mode_has_attentions_gradient(dtype):
     grad_out = torch.randn(out.shape).to(dtype)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
     assert not tout.requires_grad
-    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = torch.autograd.grad(attention_bhtd_ref(*up), up, grad_out.double())
-    lows = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    low = torch.autograd.grad(attention_bhtd_ref(*lows), lows, grad_out)
-    for name, g, w, lo in zip("qkv", got, want, low, strict=True):
-        check_close(f"grad {name}", g, w, lo, dtype)
+    _check_bhtd_grads(got, (q, k, v), grad_out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -540,22 +551,13 @@ def test_the_one_launch_grad_mode_functions(dtype):
     _check_public(qkv, tqkv, out.detach(), tout)
     grad_out = torch.randn(out.shape).to(dtype)
     (got,) = torch.autograd.grad(out, x, grad_out)
-    x64 = qkv.detach().double().requires_grad_()
-    (want,) = torch.autograd.grad(attention_ref(x64, H), x64, grad_out.double())
-    xl = qkv.detach().clone().requires_grad_()
-    (low,) = torch.autograd.grad(attention_ref(xl, H), xl, grad_out)
-    check_close("grad qkv", got, want, low, dtype)
+    _check_packed_grad(got, qkv, grad_out)
     q, k, v = (torch.randn(1, 2, 13, 8).to(dtype).requires_grad_() for _ in range(3))
     tk = torch.randn(1, 2, 13, 8).to(dtype)
     out, tout, _ = A._AttentionBhtdWithTangent.apply(q, k, v, None, tk, None)
     grad_out = torch.randn(out.shape).to(dtype)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
-    up = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = torch.autograd.grad(attention_bhtd_ref(*up), up, grad_out.double())
-    lows = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    low = torch.autograd.grad(attention_bhtd_ref(*lows), lows, grad_out)
-    for name, g, w, lo in zip("qkv", got, want, low, strict=True):
-        check_close(f"grad {name}", g, w, lo, dtype)
+    _check_bhtd_grads(got, (q, k, v), grad_out)
 
 
 def test_with_tangent_in_grad_mode_under_torch_compile_fullgraph():

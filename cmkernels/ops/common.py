@@ -72,6 +72,11 @@ FORWARD_AD_EAGER_ONLY = (
 )
 
 
+def records_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on tensors: grad mode on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def has_tangent(*tensors: Tensor | None) -> bool:
     """Whether forward-mode AD is carrying a tangent on any of tensors: a dual tensor
     (torch.autograd.forward_ad) or an input of torch.func.jvp; both show through the public

@@ -83,6 +83,7 @@ from cmkernels.ops.common import (
     FORWARD_AD_EAGER_ONLY,
     acc_dtype,
     has_tangent,
+    records_graph,
     split_duals,
     stacked_levels,
 )
@@ -398,10 +399,6 @@ def attention_bhtd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # is then computed twice. On CUDA the JVP launch's value and lse feed the Triton backward.
 
 
-def _records(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class _AttentionWithTangent(torch.autograd.Function):
     """(out, tout) from one JVP launch with out differentiable in reverse mode: the JVP op's lse
     feeds the fused backward, so a training step that needs out's gradients and tout as a
@@ -457,7 +454,7 @@ def attention_with_tangent(qkv: Tensor, tqkv: Tensor, num_heads: int) -> tuple[T
     back non-differentiable (requires_grad False; derivatives of the tangent need attention under
     torch.func.jvp).
     """
-    if _records(qkv):
+    if records_graph(qkv):
         if qkv.device.type == "cpu":  # see _CPU_GRAD_MODE
             with torch.no_grad():
                 tout = _jvp_op(qkv.detach(), tqkv, num_heads)[1]
@@ -480,7 +477,7 @@ def attention_bhtd_with_tangent(
     tangent, its work skipped; each like q, any strides), in one fused pass; both [B, H, T, d].
     Compilable and capturable like attention_with_tangent; in reverse mode out has
     attention_bhtd's gradients and tout is non-differentiable."""
-    if _records(q, k, v):
+    if records_graph(q, k, v):
         if q.device.type == "cpu":  # see _CPU_GRAD_MODE
             with torch.no_grad():
                 tout = _bhtd_jvp_op(q.detach(), k.detach(), v.detach(), tq, tk, tv)[1]

@@ -34,6 +34,7 @@ from cmkernels.ops.common import (
     FORWARD_AD_EAGER_ONLY,
     acc_dtype,
     has_tangent,
+    records_graph,
     split_duals,
     stacked_levels,
 )
@@ -353,12 +354,11 @@ class _GroupNormSiLUWithTangent(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, _, weight, bias, scale, shift = inputs[:6]
-        _, _, mean, rstd = output
-        ty = output[1]
+        x, _, weight, bias, scale, shift, _, _, _, _, groups, _, activation = inputs
+        _, ty, mean, rstd = output
         ctx.mark_non_differentiable(ty, mean, rstd)
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-        ctx.groups, ctx.activation = inputs[10], inputs[12]
+        ctx.groups, ctx.activation = groups, activation
 
     @staticmethod
     def backward(ctx, grad_y, grad_ty, grad_mean, grad_rstd):
@@ -394,9 +394,7 @@ def groupnorm_silu_with_tangent(
     """
     args = (x, tx, weight, bias, scale, shift, tweight, tbias, tscale, tshift, groups, eps,
             activation)  # fmt: skip
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)
-    ):
+    if records_graph(x, weight, bias, scale, shift):
         y, ty, _, _ = _GroupNormSiLUWithTangent.apply(*args)
         return y, ty
     y, ty, _, _ = _jvp_op(
