@@ -4,6 +4,12 @@ levels themselves (constants, Karras grid, tau(u)) are cmkernels.noise_schedule.
 D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), with the EDM
 scalings for the teacher and the boundary-condition scalings for consistency models
 (c_skip(sigma_min) = 1, c_out(sigma_min) = 0, so f(x, sigma_min) = x exactly).
+
+A TrigFlow consistency model (sCM, Lu & Song 2024) is the EDM-scalings denoiser used as the
+consistency function: with s = arctan(sigma / sigma_data) and x_s = cos(s) x_sigma,
+    f(x_s, s) = cos(s) x_s - sin(s) sigma_data F_T(x_s / sigma_data, s) = D_edm(x_sigma, sigma),
+since c_skip = cos^2 s, c_out = sigma_data sin s, c_in = cos(s) / sigma_data and F_T = -F. Its
+boundary is sigma = 0 (s = 0); parameterization "trigflow" is that model, sampled like "cm".
 """
 
 from __future__ import annotations
@@ -61,11 +67,16 @@ def scalings_derivatives(sigma: Tensor, sigma_data: float, sigma_shift: float):
     return -2 * sigma_data**2 * a / A**2, sigma_data * (S - a * sigma) / S15, -sigma / S15
 
 
+PARAMETERIZATIONS = ("cm", "edm", "trigflow")
+
+
 class Denoiser(nn.Module):
     """Preconditioned denoiser around a backbone `net(x, c_noise, class_labels)`.
 
     net:             the backbone (a UNet)
-    parameterization: "cm" (consistency model, boundary condition) or "edm" (diffusion teacher)
+    parameterization: "cm" (consistency model, boundary condition at sigma_min), "edm" (diffusion
+                     teacher) or "trigflow" (consistency model with the EDM scalings, boundary at
+                     sigma = 0: sCM's TrigFlow form, see the module docstring)
     sigma_data, sigma_min, sigma_max: the constants of the scalings and of sampling
     c_noise:         "official" or "edm" time input convention (match the weights)
     """
@@ -80,8 +91,9 @@ class Denoiser(nn.Module):
         c_noise: str = "official",
     ):
         super().__init__()
-        if parameterization not in ("cm", "edm"):
-            raise ValueError(f"parameterization must be 'cm' or 'edm', got {parameterization!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, "
+                             f"got {parameterization!r}")  # fmt: skip
         self.net = net
         self.parameterization = parameterization
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
@@ -90,7 +102,7 @@ class Denoiser(nn.Module):
     def scalings(self, sigma: Tensor):
         if self.parameterization == "cm":
             return cm_scalings(sigma, self.sigma_data, self.sigma_min)
-        return edm_scalings(sigma, self.sigma_data)
+        return edm_scalings(sigma, self.sigma_data)  # edm and trigflow
 
     def _sigmas(self, x: Tensor, sigma) -> Tensor:
         """sigma as a [B] tensor: float32 (float64 for a float64 x: reference and JVP checks in

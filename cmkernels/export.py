@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from cmkernels import cli
+from cmkernels.diffusion import PARAMETERIZATIONS
 
 PROG = "python -m cmkernels.export"
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the keys of diffusers_format.DTYPES, as sample spells them
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--parameterization",
-        choices=("cm", "edm"),
+        choices=PARAMETERIZATIONS,
         help="override the denoiser parameterization (cm: export a teacher's weights as a "
         "consistency model, as the official CD initialises its student)",
     )

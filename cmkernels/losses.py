@@ -276,8 +276,14 @@ class AdaptiveWeight(nn.Module):
         from cmkernels.diffusion import c_noise
         from cmkernels.unet import timestep_embedding
 
-        emb = timestep_embedding(c_noise(t.float(), self.c_noise_convention), self.dim)
-        return self.linear(emb).squeeze(-1)
+        dtype = self.linear.weight.dtype  # float32 in training; float64 in the exactness checks
+        emb = timestep_embedding(c_noise(t.to(dtype), self.c_noise_convention), self.dim)
+        return self.linear(emb.to(dtype)).squeeze(-1)
+
+
+TANGENT_NORMS = ("l2", "rms")  # what c is added to in g / (scale + c): ||g|| or ||g|| / sqrt(dim)
+# sCM's log-normal proposal of sigma for TrigFlow (its CIFAR-10 setting, Appendix G.2).
+TRIGFLOW_P_MEAN, TRIGFLOW_P_STD = -1.0, 1.4
 
 
 @dataclass
@@ -286,6 +292,9 @@ class ContinuousConsistencyLoss:
 
     tangent_norm:    c > 0: the weighted tangent w g is replaced by w g / (||w g|| + c) per sample
                      (sCM's tangent normalisation, c = 0.1 there); 0: off (the paper's objective).
+    tangent_norm_scale: "l2" (||.|| the sample's L2 norm, as sCM writes it) or "rms" (the norm
+                     over sqrt(dim), per element, as public sCM reproductions compute it: c then
+                     matters at any image size).
     tangent_warmup:  steps over which the network's share of the tangent ramps 0 -> 1 (sCM's
                      tangent warm-up, carried over to the EDM parameterisation: see Denoiser.jvp);
                      0: off.
@@ -294,23 +303,43 @@ class ContinuousConsistencyLoss:
                      from the online network's own pass, `model(x_t, t, tangent=v)` (one forward
                      with the fused value+tangent kernels, instead of a forward and a separate
                      JVP of the target copy). The `target` argument is then not evaluated.
+    trigflow:        sCM's TrigFlow objective (for a "trigflow" Denoiser; see trigflow_tangent):
+                     sigma = exp(p_mean + p_std n) instead of tau(u), the loss on the network
+                     output F_T, the warm-up and the normalisation applied to sCM's
+                     g = cos(s) df/ds.
     """
 
     tangent_norm: float = 0.0
+    tangent_norm_scale: str = "l2"
     tangent_warmup: int = 0
     adaptive: nn.Module | None = None
     target_is_model: bool = False
+    trigflow: bool = False
+    p_mean: float = TRIGFLOW_P_MEAN
+    p_std: float = TRIGFLOW_P_STD
+    sigma_data: float = SIGMA_DATA
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
     rho: float = RHO
 
+    def __post_init__(self):
+        if self.tangent_norm_scale not in TANGENT_NORMS:
+            raise ValueError(f"tangent_norm_scale must be one of {', '.join(TANGENT_NORMS)}, "
+                             f"got {self.tangent_norm_scale!r}")  # fmt: skip
+
     def draw(self, B: int, gen: torch.Generator, num_scales: int | None = None,
              step: int = 0) -> dict[str, Tensor]:  # fmt: skip
-        """Per-sample u ~ U[0, 1] of a (global) batch, as t = tau(u) and w = tau'(u), and the
-        tangent warm-up factor r of this step."""
-        u = torch.rand(B, generator=gen, dtype=torch.float64)
-        t = tau(u, self.sigma_min, self.sigma_max, self.rho)
-        w = tau_derivative(u, self.sigma_min, self.sigma_max, self.rho)
+        """Per-sample noise levels of a (global) batch, t = tau(u) with u ~ U[0, 1] and
+        w = tau'(u) (TrigFlow: t log-normal, clamped to [sigma_min, sigma_max], and w = 1), and
+        the tangent warm-up factor r of this step."""
+        if self.trigflow:
+            n = torch.randn(B, generator=gen, dtype=torch.float64)
+            t = (self.p_mean + self.p_std * n).exp().clamp(self.sigma_min, self.sigma_max)
+            w = torch.ones_like(t)
+        else:
+            u = torch.rand(B, generator=gen, dtype=torch.float64)
+            t = tau(u, self.sigma_min, self.sigma_max, self.rho)
+            w = tau_derivative(u, self.sigma_min, self.sigma_max, self.rho)
         r = min(1.0, step / self.tangent_warmup) if self.tangent_warmup > 0 else 1.0
         return {"t": t.float(), "w": w.float(), "r": torch.full((B,), r)}
 
@@ -319,13 +348,38 @@ class ContinuousConsistencyLoss:
         if teacher is None:
             return noise
         bc = (-1,) + (1,) * (x.dim() - 1)
-        return ((x_t.float() - teacher(x_t, t, labels).float()) / t.view(bc)).to(x_t.dtype)
+        acc = torch.promote_types(x_t.dtype, torch.float32)
+        return ((x_t.to(acc) - teacher(x_t, t, labels).to(acc)) / t.view(bc)).to(x_t.dtype)
 
     def tangent(self, target, x_t: Tensor, t: Tensor, v: Tensor, r: float, labels) -> Tensor:
         """g = d/dt f^-(x_t, t) along (v, 1), in float32 (float64 for float64), no gradient."""
         with torch.no_grad():
             _, g = target.jvp(x_t, t, v, labels, network_tangent=r)
         return g.to(torch.promote_types(g.dtype, torch.float32))
+
+    def trigflow_tangent(self, x_t: Tensor, t: Tensor, g: Tensor, r: float) -> Tensor:
+        """sCM's g = cos(s) df/ds (Algorithm 1, before normalisation) from the sigma-space
+        tangent g = dD/dsigma of a trigflow denoiser, computed with network_tangent = r.
+
+        With s = arctan(sigma / sigma_data), ds/dsigma = cos^2(s) / sigma_data, so the exact
+        cos(s) df/ds = (sigma_data / cos s) dD/dsigma. sCM's warm-up scales the whole term
+        sin(s) (x_s + sigma_data dF_T/ds) by r; network_tangent = r scales only the network's
+        share of it, so the x_s share, (1 - r) sin(s) x_s with x_s = cos(s) x_t, is added back
+        (times cos s)."""
+        bc = (-1,) + (1,) * (x_t.dim() - 1)
+        s = torch.atan(t.to(g.dtype) / self.sigma_data).view(bc)
+        cos, sin = s.cos(), s.sin()
+        out = (self.sigma_data / cos) * g
+        if r != 1.0:
+            out = out + (1.0 - r) * sin * cos.square() * x_t.to(g.dtype)
+        return out
+
+    def _normalise(self, delta: Tensor) -> Tensor:
+        bc = (-1,) + (1,) * (delta.dim() - 1)
+        scale = delta.flatten(1).norm(dim=1).view(bc)
+        if self.tangent_norm_scale == "rms":
+            scale = scale / math.sqrt(delta[0].numel())
+        return delta / (scale + self.tangent_norm)
 
     def __call__(self, model, target, x: Tensor, noise: Tensor, draws: dict, teacher=None,
                  labels=None):  # fmt: skip
@@ -342,11 +396,22 @@ class ContinuousConsistencyLoss:
             rng = _rng_state(x.device)
             online = model(x_t, t, labels)
             g = _same_dropout(lambda: self.tangent(target, x_t, t, v, r, labels), rng, x.device)
-        delta = w.view(bc) * g  # lambda(t) = 1
-        if self.tangent_norm > 0:
-            norm = delta.flatten(1).norm(dim=1).view(bc)
-            delta = delta / (norm + self.tangent_norm)
-        per_sample = l2_distance(online, (online.to(delta.dtype) - delta).detach())
+        if self.trigflow:
+            # sCM's loss on F_T: F_T - F_T^- = -(D - D^-) / (sigma_data sin s) (D = f, c_out =
+            # sigma_data sin s, F_T = -F); its value is ||g_T||^2 / dim, its gradient
+            # 2 g_T . grad F_T / dim.
+            delta = self.trigflow_tangent(x_t, t, g, r)
+            if self.tangent_norm > 0:
+                delta = self._normalise(delta)
+            sin = torch.atan(t.to(delta.dtype) / self.sigma_data).sin().view(bc)
+            online = online.to(delta.dtype)
+            step = -(online - online.detach()) / (self.sigma_data * sin)
+            per_sample = l2_distance(step, delta)
+        else:
+            delta = w.view(bc) * g  # lambda(t) = 1
+            if self.tangent_norm > 0:
+                delta = self._normalise(delta)
+            per_sample = l2_distance(online, (online.to(delta.dtype) - delta).detach())
         rms = delta.flatten(1).square().mean(1).sqrt().mean()
         aux = {"sigma_mean": t.mean(), "tangent_rms": rms}
         if self.adaptive is not None:

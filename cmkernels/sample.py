@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from cmkernels import cli, editing, images, sampling
 from cmkernels.diffusers_format import DTYPES, SchedulerSettings, load_any
+from cmkernels.diffusion import PARAMETERIZATIONS
 from cmkernels.noise_schedule import RHO, ts_to_sigmas
 from cmkernels.sampling import GraphedConsistencySampler
 
@@ -77,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--parameterization",
-        choices=("cm", "edm"),
-        help="override the denoiser parameterization (official edm_*.pt: edm)",
+        choices=PARAMETERIZATIONS,
+        help="override the denoiser parameterization (official edm_*.pt: edm; trigflow: a "
+        "--trigflow run's consistency model)",
     )
     p.add_argument(
         "--weights",

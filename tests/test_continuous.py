@@ -188,8 +188,11 @@ def _stop_after(trainer, n):
 
 @pytest.mark.parametrize("extra", [["--mode", "ct"],
                                    ["--mode", "ct", "--tangent-norm", "0.1", "--adaptive-weight",
-                                    "--tangent-warmup", "3", "--target-ema", "0.5"]],
-                         ids=["ct", "ct-stabilised"])  # fmt: skip
+                                    "--tangent-warmup", "3", "--target-ema", "0.5"],
+                                   ["--mode", "ct", "--trigflow", "--tangent-norm", "0.1",
+                                    "--tangent-norm-scale", "rms", "--adaptive-weight",
+                                    "--tangent-warmup", "3"]],
+                         ids=["ct", "ct-stabilised", "ct-trigflow"])  # fmt: skip
 def test_continuous_resume_is_bit_identical_and_samples_load(tmp_path, extra):
     args = ["--continuous", "--steps", "4", *extra]
     full = train.Trainer(_cfg(tmp_path / "full", *args))
@@ -209,6 +212,7 @@ def test_continuous_resume_is_bit_identical_and_samples_load(tmp_path, extra):
     assert a["config"]["continuous"]
     assert a["config"]["target_ema"] == (0.5 if "0.5" in extra else 0.0)
     den = load_denoiser(tmp_path / "full" / "last.pt")
+    assert den.parameterization == ("trigflow" if "--trigflow" in extra else "cm")
     with torch.no_grad():
         out = den(torch.randn(2, 1, 32, 32), 80.0)
     assert torch.isfinite(out).all() and out.abs().max() > 0

@@ -103,6 +103,16 @@ def test_generate_onestep_writes_png_and_npz(ckpt, tmp_path, capsys):
     assert "onestep" in capsys.readouterr().out
 
 
+def test_a_trigflow_model_samples_in_one_step(core, tmp_path, capsys):
+    """A --trigflow run's consistency model (EDM scalings, boundary at 0) is sampled like "cm",
+    not with the teacher's Heun ODE solver."""
+    path = save_tiny(core, tmp_path / "trigflow.pt", parameterization="trigflow")
+    assert run(["--checkpoint", path, "--num-samples", 2, "--out", tmp_path / "out"]) is None
+    assert "onestep" in capsys.readouterr().out
+    images = load_npz(tmp_path / "out")["images"]
+    assert images.shape == (2, SIZE, SIZE, 1) and images.std() > 0
+
+
 def test_images_do_not_depend_on_batch_size(ckpt, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--checkpoint", ckpt, "--num-samples", 3, "--seed", 7, "--ts", "0,22,39"]

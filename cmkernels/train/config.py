@@ -22,6 +22,9 @@ from cmkernels.losses import (
     CT_S1,
     ICT_S0,
     ICT_S1,
+    TANGENT_NORMS,
+    TRIGFLOW_P_MEAN,
+    TRIGFLOW_P_STD,
 )
 from cmkernels.unet import PRESETS
 
@@ -61,8 +64,12 @@ class TrainConfig:
     # Continuous time (CD-infinity / CT-infinity, spec section 11) and sCM's stabilisers.
     continuous: bool = False
     tangent_norm: float = 0.0  # c of g / (||g|| + c) (sCM: 0.1); 0: off
+    tangent_norm_scale: str = "l2"  # ||g|| (l2) or ||g|| / sqrt(dim) (rms) in that formula
     tangent_warmup: int = 0  # steps of the 0 -> 1 ramp of the network's tangent share; 0: off
     adaptive_weight: bool = False  # sCM's learned log-variance weighting w(t)
+    trigflow: bool = False  # sCM's TrigFlow objective and parameterisation
+    p_mean: float = TRIGFLOW_P_MEAN  # --trigflow: sigma = exp(p_mean + p_std n)
+    p_std: float = TRIGFLOW_P_STD
     teacher: str | None = None  # CD teacher checkpoint (default: the shipped MNIST teacher)
     init_from_teacher: bool = True  # CD: start the student from the teacher's weights (official)
     init_from: str | None = None  # start CT/CD from these weights (ECT-style); off by default
@@ -118,6 +125,7 @@ CHOICES = {
     "preset": tuple(PRESETS),
     "distance": ("l2", "l1", "pseudo_huber", "lpips"),
     "ops": ("kernels", "reference"),
+    "tangent_norm_scale": TANGENT_NORMS,
 }
 # One line of help per setting (the flag's default and choices are added to it).
 HELP = {
@@ -153,7 +161,15 @@ HELP = {
                     "(sCM: 0.1; 0: off)",
     "tangent_warmup": "--continuous: ramp the network's share of the tangent from 0 to 1 over "
                       "this many steps (sCM's tangent warm-up; 0: off)",
+    "tangent_norm_scale": "--tangent-norm: the scale c is added to, the sample's L2 norm ||g|| "
+                          "(l2, sCM's formula) or its per-element RMS ||g|| / sqrt(dim) (rms)",
     "adaptive_weight": "--continuous: sCM's learned log-variance weighting exp(-w(t)) d + w(t)",
+    "trigflow": "--continuous: sCM's TrigFlow form. The model keeps the EDM scalings (boundary "
+                "at sigma = 0; a CD student starts as the teacher), sigma is log-normal "
+                "(--p-mean, --p-std), the loss is on the network output with g = cos(s) df/ds, "
+                "s = arctan(sigma / sigma_data)",
+    "p_mean": "--trigflow: mean of ln(sigma) (sCM's CIFAR-10 value)",
+    "p_std": "--trigflow: standard deviation of ln(sigma) (sCM's CIFAR-10 value)",
     "teacher": "CD: the EDM teacher checkpoint (default: the shipped MNIST teacher, for "
                "--data mnist)",
     "init_from_teacher": "CD: start the student from the teacher's weights, as the official "
@@ -211,6 +227,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that cannot train (TrainingError naming the flag), before any work."""
     problems = []
@@ -249,9 +268,20 @@ def check_config(cfg: TrainConfig) -> None:
             problems.append(f"--continuous trains with the l2 distance, not --distance "
                             f"{cfg.distance}")  # fmt: skip
     else:
-        for name, off in (("tangent_norm", 0.0), ("tangent_warmup", 0), ("adaptive_weight", False)):
-            if getattr(cfg, name) != off:
+        for name in ("tangent_norm", "tangent_norm_scale", "tangent_warmup", "adaptive_weight",
+                     "trigflow"):  # fmt: skip
+            if getattr(cfg, name) != _DEFAULTS[name]:
                 problems.append(f"{_flag(name)} applies to --continuous runs")
+    if not cfg.trigflow:
+        for name in ("p_mean", "p_std"):
+            if getattr(cfg, name) != _DEFAULTS[name]:
+                problems.append(f"{_flag(name)} applies to --trigflow runs")
+    if cfg.tangent_norm_scale != "l2" and cfg.tangent_norm == 0:
+        problems.append(f"--tangent-norm-scale {cfg.tangent_norm_scale} needs --tangent-norm c > 0")
+    if not math.isfinite(cfg.p_mean):
+        problems.append(f"--p-mean must be a finite number, got {cfg.p_mean}")
+    if not (math.isfinite(cfg.p_std) and cfg.p_std > 0):
+        problems.append(f"--p-std must be a positive number, got {cfg.p_std}")
     if not (math.isfinite(cfg.tangent_norm) and cfg.tangent_norm >= 0):
         problems.append(f"--tangent-norm must be >= 0 (0: off), got {cfg.tangent_norm}")
     if cfg.tangent_warmup < 0:

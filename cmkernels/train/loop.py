@@ -76,7 +76,8 @@ def build_model(cfg: TrainConfig, channels: int, image_size: int, num_classes: i
     overrides["num_classes"] = num_classes if cfg.class_cond else None
     overrides["ops"] = cfg.ops
     net = UNet(get_preset(cfg.preset, **overrides))
-    return Denoiser(net, parameterization="edm" if cfg.mode == "edm" else "cm")
+    kind = "edm" if cfg.mode == "edm" else "trigflow" if cfg.continuous and cfg.trigflow else "cm"
+    return Denoiser(net, parameterization=kind)
 
 
 def build_loss(cfg: TrainConfig, device: torch.device, weighting: nn.Module | None = None):
@@ -86,9 +87,12 @@ def build_loss(cfg: TrainConfig, device: torch.device, weighting: nn.Module | No
         return EDMLoss()
     if cfg.continuous:
         return ContinuousConsistencyLoss(tangent_norm=cfg.tangent_norm,
+                                         tangent_norm_scale=cfg.tangent_norm_scale,
                                          tangent_warmup=cfg.tangent_warmup,
                                          adaptive=weighting,
-                                         target_is_model=cfg.target_ema == 0)  # fmt: skip
+                                         target_is_model=cfg.target_ema == 0,
+                                         trigflow=cfg.trigflow, p_mean=cfg.p_mean,
+                                         p_std=cfg.p_std)  # fmt: skip
     ict = cfg.mode == "ct" and cfg.ict
     distance = cfg.distance
     if distance == "lpips":
