@@ -9,6 +9,8 @@ from test_continuous import TINY, _tiny_net, rel_l2
 
 from cmkernels import train
 from cmkernels.checkpoint import load_denoiser, load_file, save_atomic
+from cmkernels.diffusers_format import DiffusersFormatError
+from cmkernels.diffusers_format.save import check_exportable
 from cmkernels.diffusion import Denoiser, c_noise
 from cmkernels.losses import AdaptiveWeight, ContinuousConsistencyLoss
 from cmkernels.noise_schedule import SIGMA_DATA
@@ -57,6 +59,8 @@ def test_the_trigflow_denoiser_is_trigflows_consistency_function():
         assert torch.equal(den(x_sigma, sigma), teacher(x_sigma, sigma))
     with pytest.raises(ValueError, match="cm, edm, trigflow"):
         Denoiser(den.net, "trig")
+    with pytest.raises(DiffusersFormatError, match="'trigflow' denoiser"):
+        check_exportable(den.float())  # diffusers' scheduler puts the boundary at sigma_min
 
 
 def _scm_tangent(net, teacher, x0, z, sigma, r):

@@ -160,7 +160,8 @@ HELP = {
     "tangent_norm": "--continuous: sCM's tangent normalisation g / (||g|| + c) with this c "
                     "(sCM: 0.1; 0: off)",
     "tangent_warmup": "--continuous: ramp the network's share of the tangent from 0 to 1 over "
-                      "this many steps (sCM's tangent warm-up; 0: off)",
+                      "this many steps (sCM's tangent warm-up; with --trigflow its whole term "
+                      "sin(s) (x_s + sigma_data dF_T/ds); 0: off)",
     "tangent_norm_scale": "--tangent-norm: the scale c is added to, the sample's L2 norm ||g|| "
                           "(l2, sCM's formula) or its per-element RMS ||g|| / sqrt(dim) (rms)",
     "adaptive_weight": "--continuous: sCM's learned log-variance weighting exp(-w(t)) d + w(t)",
