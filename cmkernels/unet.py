@@ -307,6 +307,9 @@ def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None
     At such shapes (the UNet's 8x8 and 16x16 levels at small batch) oneDNN copies the weight into
     its blocked layout on every call: a weight-sized buffer (40 MB for imagenet64's 1536 -> 768
     3x3 convolution) and a time to match, where the patch matrix is smaller than the weight.
+    A channels_last weight also takes this route at more pixels when it is larger than what the
+    route allocates (the zero-padded input and one band): imagenet64's wide 3x3 convolutions at
+    32x32 and batch 1, where the weight copy set the JVP's peak memory.
     The patch columns follow the weight's memory order (O, kh, kw, I for channels_last weights,
     O, I, kh, kw otherwise), so the weight enters the product as a view."""
     w = conv.weight
@@ -318,7 +321,9 @@ def _conv_gemm(conv: nn.Conv2d, x: Tensor, bias: Tensor | None) -> Tensor | None
     O, _, kh, kw = w.shape
     (sh, sw), (ph, pw) = conv.stride, conv.padding
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if B * Ho * Wo > O:
+    banded = w.is_contiguous(memory_format=torch.channels_last)
+    padded = B * (H + 2 * ph) * (W + 2 * pw) * C
+    if B * Ho * Wo > O and not (banded and w.numel() > padded + _PATCH_ELEMENTS):
         return None
     dtype = x.dtype
     if torch.is_autocast_enabled("cpu") and dtype == torch.float32:
@@ -377,6 +382,26 @@ def _conv_with_tangent(conv: nn.Conv2d, x, tx):
     return y, ty
 
 
+def _conv_pair(conv: nn.Conv2d, pair: list):
+    """_conv_with_tangent of a handed-over pair (see _take). Where the value and the tangent
+    convolve one after the other outside autograd, the value's input is freed before the
+    tangent's convolution runs."""
+    x, tx = _take(pair)
+    if records_graph(x, conv.weight) or x.shape[-2] * x.shape[-1] <= _STACKED_CONV_PIXELS:
+        return _conv_with_tangent(conv, x, tx)
+    y = _conv_nograd(conv, x, conv.bias)
+    del x
+    return y, _conv_nograd(conv, tx, None)
+
+
+def _residual(x: Tensor, h: Tensor) -> Tensor:
+    """x + h; into h (a block's fresh output) where autograd records neither and the sum keeps
+    h's dtype, so the block's output does not need a third buffer of its size."""
+    if records_graph(x, h) or torch.promote_types(x.dtype, h.dtype) != h.dtype:
+        return x + h
+    return h.add_(x)
+
+
 def _linear_with_tangent(linear: nn.Linear, x, tx):
     with torch.no_grad():
         ty = F.linear(tx, linear.weight)
@@ -398,6 +423,16 @@ def _dropout_with_tangent(drop: nn.Dropout, h, th):
         return h, th
     mask = F.dropout(torch.ones_like(h), drop.p, training=True)
     return h * mask, th * mask
+
+
+def _take(pair: list) -> tuple[Tensor, Tensor]:
+    """The (value, tangent) pair a caller handed over in a list, which is emptied: the callee's
+    locals then hold the only references and can drop the tensors once they are consumed. (The
+    decoder's concatenated inputs are the largest activations of the JVP; an argument the caller
+    still names would stay alive through the whole block.)"""
+    x, tx = pair
+    pair.clear()
+    return x, tx
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -441,10 +476,19 @@ class ResBlock(nn.Module):
         h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
 
-    def forward_with_tangent(self, x, tx, emb, temb):
+    def forward_with_tangent(self, pair: list, emb, temb):
+        """(value, tangent) of forward() for the pair handed over in `pair` (see _take). The ops
+        are forward()'s, in an order that frees the wide input early: a 1x1 skip convolution
+        runs right after the first GroupNorm, so only its narrower output is kept."""
+        x, tx = _take(pair)
         h, th = self.ops.gn_with_tangent(x, tx, self.in_layers[0])
-        h, th = _conv_with_tangent(self.in_layers[2], self._resample(h), self._resample(th))
-        x, tx = self._resample(x), self._resample(tx)
+        skip_conv = isinstance(self.skip_connection, nn.Conv2d)
+        if skip_conv:
+            pair = [self._resample(x), self._resample(tx)]
+            del x, tx
+            x, tx = _conv_pair(self.skip_connection, pair)
+        h, th = self._resample(h), self._resample(th)
+        h, th = _conv_with_tangent(self.in_layers[2], h, th)
         e, te = _linear_with_tangent(self.emb_layers[1], *_silu_with_tangent(emb, temb))
         e, te = e.to(h.dtype), te.to(h.dtype)
         if self.scale_shift:
@@ -457,9 +501,9 @@ class ResBlock(nn.Module):
             )
         h, th = _dropout_with_tangent(self.out_layers[2], h, th)
         h, th = _conv_with_tangent(self.out_layers[3], h, th)
-        if isinstance(self.skip_connection, nn.Conv2d):
-            x, tx = _conv_with_tangent(self.skip_connection, x, tx)
-        return x + h, tx + th
+        if not skip_conv:  # (an upsampling block's input is resampled last: it grows 4x)
+            x, tx = self._resample(x), self._resample(tx)
+        return _residual(x, h), _residual(tx, th)
 
 
 class AttentionBlock(nn.Module):
@@ -479,15 +523,18 @@ class AttentionBlock(nn.Module):
         h = self.ops.attention(qkv.reshape(B, 3 * C, H * W), self.num_heads)  # (B, C, T)
         return x + self.proj_out(h.reshape(B, C, H, W))
 
-    def forward_with_tangent(self, x, tx, emb=None, temb=None):
+    def forward_with_tangent(self, pair: list, emb=None, temb=None):
+        x, tx = _take(pair)
         B, C, H, W = x.shape
-        h, th = self.ops.gn_with_tangent(x, tx, self.norm, activation=False)
-        qkv, tqkv = _conv_with_tangent(self.qkv, h, th)
+        qkv, tqkv = _conv_with_tangent(
+            self.qkv, *self.ops.gn_with_tangent(x, tx, self.norm, activation=False)
+        )
         h, th = self.ops.attention_with_tangent(
             qkv.reshape(B, 3 * C, H * W), tqkv.reshape(B, 3 * C, H * W), self.num_heads
         )
+        del qkv, tqkv  # (3C channels: not kept through the projection)
         h, th = _conv_with_tangent(self.proj_out, h.reshape(B, C, H, W), th.reshape(B, C, H, W))
-        return x + h, tx + th
+        return _residual(x, h), _residual(tx, th)
 
 
 class Downsample(nn.Module):
@@ -498,8 +545,8 @@ class Downsample(nn.Module):
     def forward(self, x, emb=None):
         return self.op(x)
 
-    def forward_with_tangent(self, x, tx, emb=None, temb=None):
-        return _conv_with_tangent(self.op, x, tx)
+    def forward_with_tangent(self, pair: list, emb=None, temb=None):
+        return _conv_with_tangent(self.op, *_take(pair))
 
 
 class Upsample(nn.Module):
@@ -510,9 +557,10 @@ class Upsample(nn.Module):
     def forward(self, x, emb=None):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
-    def forward_with_tangent(self, x, tx, emb=None, temb=None):
-        up = [F.interpolate(t, scale_factor=2, mode="nearest") for t in (x, tx)]
-        return _conv_with_tangent(self.conv, *up)
+    def forward_with_tangent(self, pair: list, emb=None, temb=None):
+        x, tx = _take(pair)
+        x, tx = (F.interpolate(t, scale_factor=2, mode="nearest") for t in (x, tx))
+        return _conv_with_tangent(self.conv, x, tx)
 
 
 class Block(nn.Sequential):
@@ -523,13 +571,16 @@ class Block(nn.Sequential):
             h = layer(h, emb) if not isinstance(layer, nn.Conv2d) else layer(h)
         return h
 
-    def forward_with_tangent(self, h, th, emb, temb):
+    def forward_with_tangent(self, pair: list, emb, temb):
+        """Each layer's (value, tangent) on the pair handed over in `pair` (see _take)."""
         for layer in self:
             if isinstance(layer, nn.Conv2d):
-                h, th = _conv_with_tangent(layer, h, th)
+                h, th = _conv_with_tangent(layer, *_take(pair))
             else:
-                h, th = layer.forward_with_tangent(h, th, emb, temb)
-        return h, th
+                h, th = layer.forward_with_tangent(pair, emb, temb)
+            pair = [h, th]
+            del h, th  # the next layer owns them
+        return _take(pair)
 
 
 class UNet(nn.Module):
@@ -646,12 +697,13 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(class_labels)  # no tangent: labels are constants
         h, th, hs = x, tx.to(x.dtype), []
         for block in self.input_blocks:
-            h, th = block.forward_with_tangent(h, th, emb, temb)
+            h, th = block.forward_with_tangent([h, th], emb, temb)
             hs.append((h, th))
-        h, th = self.middle_block.forward_with_tangent(h, th, emb, temb)
+        h, th = self.middle_block.forward_with_tangent([h, th], emb, temb)
         for block in self.output_blocks:
             s, ts = hs.pop()
-            h, th = torch.cat([h, s], dim=1), torch.cat([th, ts], dim=1)
-            h, th = block.forward_with_tangent(h, th, emb, temb)
+            pair = [torch.cat([h, s], dim=1), torch.cat([th, ts], dim=1)]
+            del h, th, s, ts  # the block owns its input (the skip is freed with it)
+            h, th = block.forward_with_tangent(pair, emb, temb)
         h, th = self.ops.gn_with_tangent(h, th, self.out[0])
         return _conv_with_tangent(self.out[2], h, th)

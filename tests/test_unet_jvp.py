@@ -384,3 +384,51 @@ def test_patch_matrix_convolution_declines_where_it_does_not_pay():
     y, ty = _conv_with_tangent(reflect, x, tx)  # through the module's own padding
     torch.testing.assert_close(y, reflect(x))
     torch.testing.assert_close(ty, reflect(tx) - reflect.bias.view(-1, 1, 1))
+
+
+def test_patch_matrix_convolution_takes_wide_channels_last_weights():
+    """A channels_last weight larger than the padded input plus one patch band goes through the
+    banded product even with more pixels than output channels (oneDNN would copy the weight)."""
+    from cmkernels.unet import _PATCH_ELEMENTS, _conv_gemm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(512, 320, 3, padding=1)  # 1.5M weight elements; 20 x 20 = 400 pixels > 320
+    assert conv.weight.numel() > 512 * 22 * 22 + _PATCH_ELEMENTS
+    x = torch.randn(1, 512, 20, 20).contiguous(memory_format=torch.channels_last)
+    assert _conv_gemm(conv, x, conv.bias) is None  # a contiguous weight: oneDNN
+    conv = conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = _conv_gemm(conv, x, conv.bias)
+    assert got is not None
+    want64 = nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert rel_l2(got, want64) < 1e-6
+    small = nn.Conv2d(8, 16, 3, padding=1).to(memory_format=torch.channels_last)
+    assert _conv_gemm(small, torch.randn(1, 8, 8, 8), None) is None  # small weight: oneDNN
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_with_tangent_leaves_its_inputs_alone(grad):
+    """The memory-saving hand-over and in-place residual sums of the tangent pass never write
+    into the caller's tensors, with or without autograd recording."""
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=32, in_channels=1, out_channels=1, model_channels=32,
+                     num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(2,),
+                     num_heads=2, num_head_channels=-1, num_classes=None, dropout=0.0,
+                     ops="kernels")  # fmt: skip  (32 x 32: past the stacked-convolution sizes)
+    net = UNet(cfg).to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 32, 32, requires_grad=grad)
+    v = torch.randn(2, 1, 32, 32)
+    noise, tnoise = torch.tensor([0.3, 1.2]), torch.tensor([1.0, 0.5])
+    copies = [t.detach().clone() for t in (x, v, noise, tnoise)]
+    with torch.set_grad_enabled(grad):
+        f1, g1 = net.forward_with_tangent(x, v, noise, tnoise)
+        f2, g2 = net.forward_with_tangent(x, v, noise, tnoise)
+    for t, c in zip((x, v, noise, tnoise), copies):
+        assert torch.equal(t.detach(), c)
+    assert torch.equal(f1, f2) and torch.equal(g1, g2)
+    torch.testing.assert_close(f1, net(x, noise))
+    with torch.no_grad():
+        _, want = torch.func.jvp(net, (x.detach(), noise), (v, tnoise))
+    assert rel_l2(g1.detach(), want) < 1e-5
