@@ -163,8 +163,13 @@ def test_zero_intervals_write_only_at_the_end(tmp_path):
         train.Trainer(train.TrainConfig(mode="ct", ckpt_every=-1, out=str(out)))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    trainer = train.Trainer(_cfg(tmp_path, "--mode", "ct", "--steps", "5", "--ckpt-every", "1"))
+@pytest.mark.parametrize("extra", [[], ["--continuous", "--adaptive-weight"],
+                                   ["--continuous", "--trigflow", "--tangent-norm", "0.1"]],
+                         ids=["discrete", "continuous", "trigflow"])  # fmt: skip
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, extra):
+    trainer = train.Trainer(
+        _cfg(tmp_path, "--mode", "ct", "--steps", "5", "--ckpt-every", "1", *extra)
+    )
     real = trainer.loss_fn
 
     class Poisoned:
@@ -478,10 +483,14 @@ def test_ddp_gloo_two_processes_match_one(tmp_path, extra):
 
 
 @requires_cuda
-def test_gpu_cd_run_on_the_fused_kernels(tmp_path):
-    # The trainer's CUDA defaults (bf16 autocast, channels_last, the fused ops) for a few CD
-    # steps on random 32x32 images (an .npz: no dataset package needed), then a checkpoint that
-    # the sampler's loader reads.
+@pytest.mark.parametrize("extra", [[], ["--continuous"],
+                                   ["--continuous", "--trigflow", "--tangent-norm", "0.1",
+                                    "--adaptive-weight", "--tangent-warmup", "2"]],
+                         ids=["discrete", "continuous", "trigflow"])  # fmt: skip
+def test_gpu_cd_run_on_the_fused_kernels(tmp_path, extra):
+    # The trainer's CUDA defaults (bf16 autocast, channels_last, the fused ops; in continuous
+    # time the fused JVP kernels) for a few CD steps on random 32x32 images (an .npz: no dataset
+    # package needed), then a checkpoint that the sampler's loader reads.
     import numpy as np
 
     data = tmp_path / "images.npz"
@@ -492,7 +501,7 @@ def test_gpu_cd_run_on_the_fused_kernels(tmp_path):
     assert teacher_trainer.device.type == "cuda"
     teacher_trainer.run()
     cfg = _cfg(tmp_path / "cd", "--mode", "cd", "--steps", "3", "--data", str(data),
-               "--teacher", str(tmp_path / "teacher" / "last.pt"))  # fmt: skip
+               "--teacher", str(tmp_path / "teacher" / "last.pt"), *extra)  # fmt: skip
     trainer = train.Trainer(cfg)
     assert trainer.bf16
     trainer.run()
@@ -500,4 +509,6 @@ def test_gpu_cd_run_on_the_fused_kernels(tmp_path):
     assert any(v is not None for v in losses)
     assert all(math.isfinite(v) for v in losses if v is not None)
     ckpt = load_file(tmp_path / "cd" / "last.pt")
-    assert ckpt["denoiser"]["parameterization"] == "cm"
+    want = "trigflow" if "--trigflow" in extra else "cm"
+    assert ckpt["denoiser"]["parameterization"] == want
+    assert ckpt["config"]["continuous"] == ("--continuous" in extra)
