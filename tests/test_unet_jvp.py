@@ -4,11 +4,12 @@ the pure-PyTorch model in float64, in every layout and mode the trainer uses, an
 where the written-out pass cannot serve (torch.func transforms, dual tensors, other networks)."""
 
 import copy
+import importlib
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import requires_cuda
+from conftest import TRITON_DEVICE, needs_triton, requires_cuda
 from test_continuous import REFERENCE, needs_data, rel_l2
 from torch import nn
 
@@ -235,6 +236,97 @@ def test_forward_with_tangent_on_the_gpu(precision):
     else:
         theirs = rel_l2(g_torch.double().cpu(), g_want)
         assert rel_l2(g, g_want) <= 2 * theirs + 5e-3, (rel_l2(g, g_want), theirs)
+
+
+# The op handles the tangent pass calls, by package (grad mode: the JVP launch's value and
+# statistics feed the fused backward), with the Triton launcher behind each on CUDA.
+_TRITON_ROUTE = {
+    "groupnorm_silu": ("_forward_op", "_backward_op", "_jvp_op"),
+    "attention": ("_forward_op", "_backward_op", "_jvp_op"),
+}
+
+
+@pytest.fixture
+def triton_route(monkeypatch):
+    """The ops' CUDA route, with a call count per op handle: on a GPU the registered ops; without
+    one, CPU tensors served by the same Triton launchers under the interpreter in place of the
+    CPU kernels, and attention's CPU grad-mode shortcut (value and backward from SDPA) off. The
+    handles are swapped in the op packages (torch 2.11 refuses to override a kernel registered
+    from Python), so the dispatcher is bypassed on the CPU only."""
+    calls = {}
+
+    def counted(key, fn):
+        def op(*args):
+            calls[key] += 1
+            return fn(*args)
+
+        return op
+
+    for pkg_name, handles in _TRITON_ROUTE.items():
+        # (the package's name is shadowed by the function of that name in cmkernels.ops)
+        package = importlib.import_module(f"cmkernels.ops.{pkg_name}")
+        launch = importlib.import_module(f"cmkernels.ops.{pkg_name}.launch")
+        for handle in handles:
+            key = f"{pkg_name}{handle[:-3].replace('_forward', '')}"
+            launcher = getattr(launch, f"{key}_triton")
+            calls[key] = 0
+            fn = getattr(package, handle) if TRITON_DEVICE == "cuda" else launcher
+            monkeypatch.setattr(package, handle, counted(key, fn))
+        if pkg_name == "attention" and TRITON_DEVICE == "cpu":
+            monkeypatch.setattr(package, "_value_from_sdpa", lambda x: False)
+    return TRITON_DEVICE, calls
+
+
+@needs_triton
+def test_the_training_pass_on_the_triton_route(triton_route):
+    """The trainer's continuous-time pass as it runs on CUDA: Denoiser.forward(tangent=) in grad
+    mode (one JVP launch per op, its value differentiable through the fused backward) and
+    Denoiser.jvp without grad, channels_last, against float64 torch.func.jvp and autograd of the
+    pure-PyTorch model. Without a GPU this is the only test of that route through the whole
+    network (eight GroupNorm groups keep the interpreter's program count down)."""
+    device, calls = triton_route
+
+    def net(ops):
+        n = _net(ops, num_classes=5)
+        for m in n.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.num_groups = 8
+        return Denoiser(n)
+
+    den64 = net("reference").double()
+    den = net("kernels").to(device, memory_format=torch.channels_last)
+    x, v, sigma = _inputs(B=2)
+    labels = torch.tensor([3, 1])
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    D_want, dD_want = _want(den64, x, sigma, v, labels)
+    grads_want = torch.autograd.grad(
+        (den64(x, sigma, labels) * g).sum(), list(den64.parameters())
+    )
+
+    def dev(t):
+        return t.float().to(device).contiguous(memory_format=torch.channels_last)
+
+    xd = dev(x).requires_grad_(True)
+    D, dD = den(xd, sigma.float().to(device), labels.to(device), tangent=dev(v))
+    assert D.requires_grad and not dD.requires_grad
+    grads = torch.autograd.grad((D * dev(g)).sum(), [xd, *den.parameters()])
+    # every op site ran its one JVP launch, and its backward (no plain forward launches)
+    assert all(calls[k] > 0 for k in calls if k.endswith(("_jvp", "_backward"))), calls
+    assert calls["groupnorm_silu"] == calls["attention"] == 0, calls
+    flat = torch.cat([t.double().cpu().flatten() for t in grads[1:]])
+    flat_want = torch.cat([t.flatten() for t in grads_want])
+    errors = {
+        "D": rel_l2(D.detach().double().cpu(), D_want),
+        "dD": rel_l2(dD.double().cpu(), dD_want),
+        "param grads": rel_l2(flat, flat_want),
+    }
+    with torch.no_grad():
+        D_ng, dD_ng = den.jvp(dev(x), sigma.float().to(device), dev(v), labels.to(device))
+    errors["no-grad D"] = rel_l2(D_ng.double().cpu(), D_want)
+    errors["no-grad dD"] = rel_l2(dD_ng.double().cpu(), dD_want)
+    limits = {"D": 1e-5, "dD": 1e-4, "param grads": 1e-4, "no-grad D": 1e-5, "no-grad dD": 1e-4}
+    assert all(errors[k] < limits[k] for k in limits), errors
+    assert grads[0].abs().max() > 0 and flat_want.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------

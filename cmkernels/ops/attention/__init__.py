@@ -399,6 +399,11 @@ def attention_bhtd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # is then computed twice. On CUDA the JVP launch's value and lse feed the Triton backward.
 
 
+def _value_from_sdpa(x: Tensor) -> bool:
+    """Whether a grad-mode *_with_tangent call takes its value from attention() (_CPU_GRAD_MODE)."""
+    return x.device.type == "cpu"
+
+
 class _AttentionWithTangent(torch.autograd.Function):
     """(out, tout) from one JVP launch with out differentiable in reverse mode: the JVP op's lse
     feeds the fused backward, so a training step that needs out's gradients and tout as a
@@ -455,7 +460,7 @@ def attention_with_tangent(qkv: Tensor, tqkv: Tensor, num_heads: int) -> tuple[T
     torch.func.jvp).
     """
     if records_graph(qkv):
-        if qkv.device.type == "cpu":  # see _CPU_GRAD_MODE
+        if _value_from_sdpa(qkv):
             with torch.no_grad():
                 tout = _jvp_op(qkv.detach(), tqkv, num_heads)[1]
             return attention(qkv, num_heads), tout
@@ -478,7 +483,7 @@ def attention_bhtd_with_tangent(
     Compilable and capturable like attention_with_tangent; in reverse mode out has
     attention_bhtd's gradients and tout is non-differentiable."""
     if records_graph(q, k, v):
-        if q.device.type == "cpu":  # see _CPU_GRAD_MODE
+        if _value_from_sdpa(q):
             with torch.no_grad():
                 tout = _bhtd_jvp_op(q.detach(), k.detach(), v.detach(), tq, tk, tv)[1]
             return attention_bhtd(q, k, v), tout
