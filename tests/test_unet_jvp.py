@@ -238,12 +238,11 @@ def test_forward_with_tangent_on_the_gpu(precision):
         assert rel_l2(g, g_want) <= 2 * theirs + 5e-3, (rel_l2(g, g_want), theirs)
 
 
-# The op handles the tangent pass calls, by package (grad mode: the JVP launch's value and
-# statistics feed the fused backward), with the Triton launcher behind each on CUDA.
-_TRITON_ROUTE = {
-    "groupnorm_silu": ("_forward_op", "_backward_op", "_jvp_op"),
-    "attention": ("_forward_op", "_backward_op", "_jvp_op"),
-}
+# The op handles the tangent pass calls in each op package (grad mode: the JVP launch's value and
+# statistics feed the fused backward), each with the suffix of the Triton launcher behind it on
+# CUDA (launch.<package><suffix>_triton).
+_TRITON_PACKAGES = ("groupnorm_silu", "attention")
+_TRITON_HANDLES = {"_forward_op": "", "_backward_op": "_backward", "_jvp_op": "_jvp"}
 
 
 @pytest.fixture
@@ -262,15 +261,17 @@ def triton_route(monkeypatch):
 
         return op
 
-    for pkg_name, handles in _TRITON_ROUTE.items():
+    for pkg_name in _TRITON_PACKAGES:
         # (the package's name is shadowed by the function of that name in cmkernels.ops)
         package = importlib.import_module(f"cmkernels.ops.{pkg_name}")
         launch = importlib.import_module(f"cmkernels.ops.{pkg_name}.launch")
-        for handle in handles:
-            key = f"{pkg_name}{handle[:-3].replace('_forward', '')}"
-            launcher = getattr(launch, f"{key}_triton")
+        for handle, suffix in _TRITON_HANDLES.items():
+            key = pkg_name + suffix
             calls[key] = 0
-            fn = getattr(package, handle) if TRITON_DEVICE == "cuda" else launcher
+            if TRITON_DEVICE == "cuda":
+                fn = getattr(package, handle)
+            else:
+                fn = getattr(launch, f"{key}_triton")
             monkeypatch.setattr(package, handle, counted(key, fn))
         if pkg_name == "attention" and TRITON_DEVICE == "cpu":
             monkeypatch.setattr(package, "_value_from_sdpa", lambda x: False)
@@ -299,8 +300,9 @@ def test_the_training_pass_on_the_triton_route(triton_route):
     labels = torch.tensor([3, 1])
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     D_want, dD_want = _want(den64, x, sigma, v, labels)
+    x64 = x.clone().requires_grad_(True)
     grads_want = torch.autograd.grad(
-        (den64(x, sigma, labels) * g).sum(), list(den64.parameters())
+        (den64(x64, sigma, labels) * g).sum(), [x64, *den64.parameters()]
     )
 
     def dev(t):
@@ -314,19 +316,21 @@ def test_the_training_pass_on_the_triton_route(triton_route):
     assert all(calls[k] > 0 for k in calls if k.endswith(("_jvp", "_backward"))), calls
     assert calls["groupnorm_silu"] == calls["attention"] == 0, calls
     flat = torch.cat([t.double().cpu().flatten() for t in grads[1:]])
-    flat_want = torch.cat([t.flatten() for t in grads_want])
+    flat_want = torch.cat([t.flatten() for t in grads_want[1:]])
     errors = {
         "D": rel_l2(D.detach().double().cpu(), D_want),
         "dD": rel_l2(dD.double().cpu(), dD_want),
+        "x grad": rel_l2(grads[0].double().cpu(), grads_want[0]),
         "param grads": rel_l2(flat, flat_want),
     }
     with torch.no_grad():
         D_ng, dD_ng = den.jvp(dev(x), sigma.float().to(device), dev(v), labels.to(device))
     errors["no-grad D"] = rel_l2(D_ng.double().cpu(), D_want)
     errors["no-grad dD"] = rel_l2(dD_ng.double().cpu(), dD_want)
-    limits = {"D": 1e-5, "dD": 1e-4, "param grads": 1e-4, "no-grad D": 1e-5, "no-grad dD": 1e-4}
+    limits = {"D": 1e-5, "dD": 1e-4, "x grad": 1e-4, "param grads": 1e-4, "no-grad D": 1e-5,
+              "no-grad dD": 1e-4}  # fmt: skip
     assert all(errors[k] < limits[k] for k in limits), errors
-    assert grads[0].abs().max() > 0 and flat_want.abs().max() > 0
+    assert grads_want[0].abs().max() > 0 and flat_want.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------
